@@ -1,0 +1,41 @@
+"""pluglm_kernels: fused kernels for plug-in memory language models.
+
+Ops (also as ``torch.ops.pluglm.<name>``): ``mips_topk``, ``knowledge_attention``,
+``gather_knowledge_attention``, ``attentive_pool``, ``encode_knowledge``; each takes
+``backend="auto" | "triton" | "cuda" | "cpu" | "reference"``. Importing never fails because a
+backend is missing: ``backend_report()`` (``pluglm info``) says what is built and why not.
+This package imports neither ``pluglm``, ``transformers`` nor ``faiss``.
+"""
+from __future__ import annotations
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _backends
+
+_backends.load_extension()  # registers torch.ops.pluglm._C_* when built
+
+from . import reference  # noqa: E402
+from ._backends import BACKENDS, backend_report, cuda_built, resolve  # noqa: E402
+from .functional import (  # noqa: E402
+    attentive_pool,
+    encode_knowledge,
+    gather_knowledge_attention,
+    knowledge_attention,
+    mips_topk,
+    quantize_keys,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "BACKENDS",
+    "attentive_pool",
+    "backend_report",
+    "cuda_built",
+    "encode_knowledge",
+    "gather_knowledge_attention",
+    "knowledge_attention",
+    "mips_topk",
+    "quantize_keys",
+    "reference",
+    "resolve",
+]

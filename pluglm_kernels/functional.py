@@ -1,0 +1,277 @@
+"""Public functional API of pluglm_kernels (DESIGN.md §3).
+
+Every function validates its arguments before any kernel runs and raises ``TypeError`` /
+``ValueError`` naming the argument; ``backend`` is "auto", "triton", "cuda", "cpu" or
+"reference" (a named backend that is unavailable raises ``RuntimeError`` saying why).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _validate as V
+from . import ops  # noqa: F401  (registers torch.ops.pluglm.*)
+
+_KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_REF_FLOATS = _KERNEL_FLOATS + (torch.float64,)
+_INT_IDS = (torch.int16, torch.int32, torch.int64, torch.uint8)
+MAX_K = 2048
+
+
+def _eager() -> bool:
+    # Data-dependent checks (a host sync) run in eager mode only; under torch.compile the
+    # kernels' defined behaviour applies (documented per op).
+    return not torch.compiler.is_compiling()
+
+
+def _floats(backend: str):
+    return _REF_FLOATS if backend == "reference" else _KERNEL_FLOATS
+
+
+def quantize_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 quantisation: keys [M, d] float -> (int8 [M, d], scales [M] f32).
+
+    ``keys[i] ~= q[i] * scales[i]``; an all-zero row gets scale 1 (and stays zero).
+    """
+    V.tensor("keys", keys, ndim=2, dtypes=_REF_FLOATS)
+    k32 = keys.to(torch.float32)
+    amax = k32.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(k32 / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales.contiguous()
+
+
+def mips_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, key_scales=None, valid=None,
+              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact maximum-inner-product top-k, never materialising the [B, M] score matrix.
+
+    queries: [B, d] float32/float16/bfloat16 (float32 or the keys' dtype)
+    keys:    [M, d] float32/float16/bfloat16, or int8 with key_scales [M] float32; row-major
+    valid:   optional bool [M]; False rows (deleted entries) are never returned
+    Returns scores [B, k] float32 sorted descending and indices [B, k] int64; equal scores
+    are ordered by lower index. Not differentiable. Raises on k < 1, k > 2048, k larger than
+    the number of valid rows, a dim mismatch, wrong dtypes or devices, non-finite queries.
+    (Under torch.compile the data-dependent checks are skipped; missing rows come back as
+    index -1 with score -inf.)
+    """
+    V.backend("backend", backend)
+    floats = _floats(backend)
+    V.tensor("queries", queries, ndim=2, dtypes=floats)
+    V.tensor("keys", keys, ndim=2, dtypes=floats + (torch.int8,), device=queries.device)
+    B, d = queries.shape
+    M = keys.shape[0]
+    if keys.shape[1] != d:
+        raise ValueError(f"keys must have {d} columns to match queries [B, {d}], got {tuple(keys.shape)}")
+    if B < 1 or d < 1:
+        raise ValueError(f"queries must be non-empty, got shape {tuple(queries.shape)}")
+    if M < 1:
+        raise ValueError("keys must have at least one row, got 0")
+    if keys.dtype == torch.int8:
+        if key_scales is None:
+            raise ValueError("key_scales [M] float32 is required with int8 keys (see quantize_keys)")
+        V.tensor("key_scales", key_scales, ndim=1, dtypes=(torch.float32,), device=queries.device)
+        V.shape("key_scales", key_scales, (M,), "one scale per key row")
+        key_scales = key_scales.contiguous()
+    elif key_scales is not None:
+        raise ValueError(f"key_scales is only for int8 keys; keys are {keys.dtype}")
+    elif backend != "reference" and queries.dtype not in (torch.float32, keys.dtype):
+        raise TypeError(f"queries must be float32 or the keys' dtype {keys.dtype}, got {queries.dtype}")
+    if keys.stride(1) != 1 or keys.stride(0) != d:
+        raise ValueError("keys must be contiguous row-major [M, d] (a copy would cost O(M*d) memory)")
+    V.integer("k", k, lo=1, hi=min(MAX_K, M), what="1 <= k <= min(2048, number of keys)")
+    if valid is not None:
+        V.tensor("valid", valid, ndim=1, dtypes=(torch.bool,), device=queries.device)
+        V.shape("valid", valid, (M,), "one flag per key row")
+        valid = valid.contiguous()
+    queries = queries.detach().contiguous()
+    if _eager():
+        if not bool(torch.isfinite(queries).all()):
+            raise ValueError("queries must be finite (found NaN or Inf)")
+        if valid is not None:
+            n_valid = int(valid.sum())
+            if k > n_valid:
+                raise ValueError(f"k={k} is larger than the number of valid rows ({n_valid})")
+    return torch.ops.pluglm.mips_topk(queries, keys.detach(), k, key_scales, valid, backend)
+
+
+def _seed(dropout_p: float, seed) -> int:
+    if seed is None:
+        if dropout_p == 0.0:
+            return 0
+        return int(torch.randint(0, 2**62, (), device="cpu"))
+    return V.integer("seed", seed, lo=0, hi=2**63 - 1)
+
+
+def _check_attention_qbb(q, bias, beta, N, backend):
+    floats = _floats(backend)
+    V.tensor("q", q, ndim=4, dtypes=floats)
+    B, T, H, Dh = q.shape
+    V.tensor("bias", bias, ndim=2, dtypes=_REF_FLOATS, device=q.device)
+    V.shape("bias", bias, (B, N), "[B, N]")
+    V.tensor("beta", beta, ndim=1, dtypes=_REF_FLOATS, device=q.device)
+    V.shape("beta", beta, (H,), "one per head")
+    if min(B, T, H, Dh, N) < 1:
+        raise ValueError(f"empty attention: q {tuple(q.shape)}, N={N}")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return bias.to(acc).contiguous(), beta.to(acc).contiguous()
+
+
+def knowledge_attention(q, k, v, bias, beta, *, dropout_p: float = 0.0, seed=None,
+                        backend: str = "auto") -> torch.Tensor:
+    """Biased attention of every token over its sequence's N retrieved entries.
+
+    q: [B, T, H, Dh] (already scaled by 1/sqrt(Dh)); k, v: [B, N, H, Dh] (q's dtype);
+    bias: [B, N] (cos(q, k_j)); beta: [H]. Returns out [B, T, H, Dh] in q's dtype:
+    out = dropout(softmax_j(q.k_j + beta_h * bias_j)) @ v, accumulated in float32.
+    Differentiable in q, k, v, bias, beta; the dropout mask is a counter-based (Philox)
+    function of ``seed`` and the element position, regenerated in backward.
+    """
+    V.backend("backend", backend)
+    dropout_p = V.probability("dropout_p", dropout_p)
+    V.tensor("k", k, ndim=4, dtypes=_floats(backend), device=getattr(q, "device", None))
+    bias32, beta32 = _check_attention_qbb(q, bias, beta, k.shape[1], backend)
+    B, T, H, Dh = q.shape
+    V.shape("k", k, (B, k.shape[1], H, Dh), "[B, N, H, Dh]")
+    V.tensor("v", v, ndim=4, dtypes=_floats(backend), device=q.device)
+    V.shape("v", v, tuple(k.shape), "same as k")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+    out, _ = torch.ops.pluglm.knowledge_attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                                                  bias32, beta32, dropout_p,
+                                                  _seed(dropout_p, seed), backend)
+    return out
+
+
+def gather_knowledge_attention(q, table_k, table_v, indices, bias, beta, *, dropout_p: float = 0.0,
+                               seed=None, backend: str = "auto") -> torch.Tensor:
+    """knowledge_attention reading k, v straight from per-entry projected tables by index.
+
+    table_k, table_v: [M, H, Dh] (q's dtype, contiguous); indices: [B, N] int64 (int32 is
+    accepted), each in [0, M). Gradient to the tables is supported (repeated indices
+    accumulate); it is dense [M, H, Dh] like the tables, so leave them without
+    requires_grad for inference.
+    """
+    V.backend("backend", backend)
+    dropout_p = V.probability("dropout_p", dropout_p)
+    floats = _floats(backend)
+    V.tensor("q", q, ndim=4, dtypes=floats)
+    V.tensor("table_k", table_k, ndim=3, dtypes=floats, device=q.device)
+    V.tensor("table_v", table_v, ndim=3, dtypes=floats, device=q.device)
+    V.tensor("indices", indices, ndim=2, dtypes=(torch.int32, torch.int64), device=q.device)
+    B, T, H, Dh = q.shape
+    M = table_k.shape[0]
+    V.shape("table_k", table_k, (M, H, Dh), "[M, H, Dh]")
+    V.shape("table_v", table_v, (M, H, Dh), "same as table_k")
+    if indices.shape[0] != B:
+        raise ValueError(f"indices must have shape [B={B}, N], got {tuple(indices.shape)}")
+    if table_k.dtype != q.dtype or table_v.dtype != q.dtype:
+        raise TypeError(f"table_k and table_v must have q's dtype {q.dtype}, got "
+                        f"{table_k.dtype} and {table_v.dtype}")
+    for name, t in (("table_k", table_k), ("table_v", table_v)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (a copy would cost O(M*H*Dh) memory)")
+    bias32, beta32 = _check_attention_qbb(q, bias, beta, indices.shape[1], backend)
+    indices = indices.to(torch.int64).contiguous()
+    if _eager() and indices.numel() and bool(((indices < 0) | (indices >= M)).any()):
+        raise ValueError(f"indices must be in [0, {M}) (rows of table_k)")
+    out, _ = torch.ops.pluglm.gather_knowledge_attention(
+        q.contiguous(), table_k, table_v, indices, bias32, beta32, dropout_p,
+        _seed(dropout_p, seed), backend)
+    return out
+
+
+def attentive_pool(x, mask, w1, b1, w2, b2, *, backend: str = "auto") -> torch.Tensor:
+    """Attentive pooling, numerically stable: [B, T, D] -> [B, D].
+
+    s_t = w2 . tanh(W1 x_t + b1) + b2; alpha = softmax over {t : mask_t != 0} of s;
+    pool = sum_t alpha_t x_t. x: [B, T, D]; mask: [B, T] (bool or 0/1); w1: [Hp, D];
+    b1: [Hp]; w2: [Hp] or [1, Hp]; b2: [] or [1]. A row with no token pools to zeros.
+    Differentiable in x, w1, b1, w2, b2.
+    """
+    V.backend("backend", backend)
+    floats = _floats(backend)
+    V.tensor("x", x, ndim=3, dtypes=floats)
+    B, T, D = x.shape
+    V.tensor("mask", mask, ndim=2, device=x.device)
+    V.shape("mask", mask, (B, T), "[B, T]")
+    V.tensor("w1", w1, ndim=2, dtypes=_REF_FLOATS, device=x.device)
+    if w1.shape[1] != D:
+        raise ValueError(f"w1 must have shape [Hp, {D}], got {tuple(w1.shape)}")
+    Hp = w1.shape[0]
+    V.tensor("b1", b1, ndim=1, dtypes=_REF_FLOATS, device=x.device)
+    V.shape("b1", b1, (Hp,))
+    V.tensor("w2", w2, dtypes=_REF_FLOATS, device=x.device)
+    if w2.numel() != Hp or w2.dim() > 2:
+        raise ValueError(f"w2 must have shape [{Hp}] or [1, {Hp}], got {tuple(w2.shape)}")
+    V.tensor("b2", b2, dtypes=_REF_FLOATS, device=x.device)
+    if b2.numel() != 1:
+        raise ValueError(f"b2 must hold one value, got shape {tuple(b2.shape)}")
+    return torch.ops.pluglm.attentive_pool(x.contiguous(), mask.contiguous(), w1.contiguous(),
+                                           b1.contiguous(), w2.reshape(Hp).contiguous(),
+                                           b2.reshape(1).contiguous(), backend)
+
+
+def encode_knowledge(token_ids, attention_mask, word_embeddings, position_embeddings,
+                     token_type_embeddings, ln_weight, ln_bias, w1, b1, w2, b2, *,
+                     token_type_ids=None, eps: float = 1e-12, position_offset: int = 0,
+                     backend: str = "auto") -> torch.Tensor:
+    """Memory-entry encoder: token ids [E, T] -> pooled [E, D].
+
+    Fuses the embedding gather (word + position + token type), LayerNorm and attentive
+    pooling: attentive_pool(LayerNorm(word[ids] + pos[t + position_offset] + type[tt]), mask).
+    Tables: word [V, D], position [P, D], token type [Tt, D]; ln_weight/ln_bias [D];
+    pooler w1 [Hp, D], b1 [Hp], w2 [Hp], b2 [1]. Differentiable in every float tensor.
+    """
+    V.backend("backend", backend)
+    floats = _floats(backend)
+    V.tensor("token_ids", token_ids, ndim=2, dtypes=_INT_IDS)
+    dev = token_ids.device
+    E, T = token_ids.shape
+    V.tensor("attention_mask", attention_mask, ndim=2, device=dev)
+    V.shape("attention_mask", attention_mask, (E, T), "[E, T]")
+    V.tensor("word_embeddings", word_embeddings, ndim=2, dtypes=floats, device=dev)
+    Vv, D = word_embeddings.shape
+    V.tensor("position_embeddings", position_embeddings, ndim=2, dtypes=floats, device=dev)
+    V.tensor("token_type_embeddings", token_type_embeddings, ndim=2, dtypes=floats, device=dev)
+    for name, t in (("position_embeddings", position_embeddings),
+                    ("token_type_embeddings", token_type_embeddings)):
+        if t.shape[1] != D or t.dtype != word_embeddings.dtype:
+            raise ValueError(f"{name} must be [*, {D}] in {word_embeddings.dtype}, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+    position_offset = V.integer("position_offset", position_offset, lo=0)
+    if T + position_offset > position_embeddings.shape[0]:
+        raise ValueError(f"token_ids has {T} positions (+ offset {position_offset}) but "
+                         f"position_embeddings has {position_embeddings.shape[0]} rows")
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        V.tensor(name, t, ndim=1, dtypes=_REF_FLOATS, device=dev)
+        V.shape(name, t, (D,))
+    if token_type_ids is not None:
+        V.tensor("token_type_ids", token_type_ids, ndim=2, dtypes=_INT_IDS, device=dev)
+        V.shape("token_type_ids", token_type_ids, (E, T))
+    V.tensor("w1", w1, ndim=2, dtypes=_REF_FLOATS, device=dev)
+    if w1.shape[1] != D:
+        raise ValueError(f"w1 must have shape [Hp, {D}], got {tuple(w1.shape)}")
+    Hp = w1.shape[0]
+    V.tensor("b1", b1, ndim=1, dtypes=_REF_FLOATS, device=dev)
+    V.shape("b1", b1, (Hp,))
+    V.tensor("w2", w2, dtypes=_REF_FLOATS, device=dev)
+    if w2.numel() != Hp or w2.dim() > 2:
+        raise ValueError(f"w2 must have shape [{Hp}] or [1, {Hp}], got {tuple(w2.shape)}")
+    V.tensor("b2", b2, dtypes=_REF_FLOATS, device=dev)
+    if b2.numel() != 1:
+        raise ValueError(f"b2 must hold one value, got shape {tuple(b2.shape)}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if _eager() and token_ids.numel():
+        lo, hi = int(token_ids.min()), int(token_ids.max())
+        if lo < 0 or hi >= Vv:
+            raise ValueError(f"token_ids must be in [0, {Vv}) (rows of word_embeddings), "
+                             f"got values in [{lo}, {hi}]")
+        if token_type_ids is not None and token_type_ids.numel():
+            lo, hi = int(token_type_ids.min()), int(token_type_ids.max())
+            if lo < 0 or hi >= token_type_embeddings.shape[0]:
+                raise ValueError(f"token_type_ids must be in [0, {token_type_embeddings.shape[0]})")
+    return torch.ops.pluglm.encode_knowledge(
+        token_ids.contiguous(), attention_mask.contiguous(), word_embeddings, position_embeddings,
+        token_type_embeddings, ln_weight, ln_bias, w1.contiguous(), b1, w2.reshape(Hp),
+        b2.reshape(1), None if token_type_ids is None else token_type_ids.contiguous(),
+        float(eps), position_offset, backend)
