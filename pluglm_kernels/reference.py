@@ -28,7 +28,8 @@ def mips_topk(queries, keys, k, key_scales=None, valid=None):
 
     queries [B, d]; keys [M, d]; key_scales [M] for int8 keys; valid [M] bool.
     Returns scores [B, k] float32, descending, and indices [B, k] int64; equal scores are
-    ordered by lower index first (a stable sort over blocks taken in index order).
+    ordered by lower index first (a stable sort over blocks taken in index order). With
+    fewer than k valid rows the tail is score -inf, index -1.
     """
     B = queries.shape[0]
     M = keys.shape[0]
@@ -48,7 +49,9 @@ def mips_topk(queries, keys, k, key_scales=None, valid=None):
         order = torch.sort(cat_s, dim=1, descending=True, stable=True).indices[:, :k]
         best_s = cat_s.gather(1, order)
         best_i = cat_i.gather(1, order)
-    return best_s.to(torch.float32), best_i
+    # fewer than k valid rows: the tail is (-inf, -1), as in every kernel
+    best_i = best_i.masked_fill(best_s == float("-inf"), -1)
+    return best_s.to(torch.float32).contiguous(), best_i.contiguous()
 
 
 # ---------------------------------------------------------------------------------------
@@ -123,7 +126,7 @@ def knowledge_attention(q, k, v, bias, beta, dropout_p=0.0, seed=0):
         keep = dropout_keep_mask(seed, dropout_p, tuple(p.shape), p.device)
         p = p * keep / (1.0 - dropout_p)
     out = torch.einsum("bthj,bjhd->bthd", p, v.to(acc))
-    return out.to(q.dtype), lse.to(torch.float32)
+    return out.to(q.dtype).contiguous(), lse.to(torch.float32).contiguous()
 
 
 def gather_knowledge_attention(q, table_k, table_v, indices, bias, beta, dropout_p=0.0, seed=0):
@@ -151,7 +154,7 @@ def attentive_pool(x, mask, w1, b1, w2, b2):
     e = torch.exp(s - m) * keep
     denom = e.sum(dim=1, keepdim=True)
     alpha = e / denom.clamp_min(torch.finfo(acc).tiny)
-    return (alpha[..., None] * xa).sum(dim=1).to(x.dtype)
+    return (alpha[..., None] * xa).sum(dim=1).to(x.dtype).contiguous()
 
 
 def embed(token_ids, word_embeddings, position_embeddings, token_type_embeddings, ln_weight,

@@ -1,0 +1,108 @@
+"""Timing and peak-memory measurement.
+
+CPU time: perf_counter around each call after warm-up. CUDA time: CUDA events after
+warm-up. Peak memory: on CUDA, the caching allocator's peak above the starting allocation;
+on CPU, the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) above
+the resident set at the start — it sees every allocation (torch, faiss, numpy), not only
+torch's.
+"""
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+_STATUS = "/proc/self/status"
+
+
+def _proc_kb(field: str) -> int | None:
+    try:
+        with open(_STATUS) as f:
+            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as pm: ...`` then ``pm.peak_bytes`` (extra over the start)."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.peak_bytes: int | None = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current RSS
+                self._start = _proc_kb("VmRSS")
+            except OSError:
+                self._start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+        elif self._start is not None:
+            hwm = _proc_kb("VmHWM")
+            self.peak_bytes = None if hwm is None else max(0, hwm - self._start) * 1024
+        return False
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def time_fn(fn, device: torch.device | str = "cpu", *, warmup: int = 2, min_repeats: int = 5,
+            max_repeats: int = 50, budget_s: float = 1.0) -> Timing:
+    """Median and p20/p80 of ``fn()`` in milliseconds, repeating until ``budget_s`` is used."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    t_start = time.perf_counter()
+    while len(times) < max_repeats and (len(times) < min_repeats
+                                        or time.perf_counter() - t_start < budget_s):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
+
+
+def copy_bandwidth_gbs(device: torch.device | str, nbytes: int = 1 << 28) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second), GB/s."""
+    device = torch.device(device)
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=3, min_repeats=10, budget_s=0.5)
+    return 2 * n * 4 / (t.median_ms * 1e-3) / 1e9

@@ -1,0 +1,136 @@
+"""Render sweep results: a terminal table, JSON, Markdown and PNG plots."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def _shape_str(shape: dict) -> str:
+    return " ".join(f"{k}={_fmt_num(v)}" for k, v in shape.items())
+
+
+def _fmt_num(v):
+    if isinstance(v, int) and v >= 10_000:
+        return f"{v:.0e}".replace("e+0", "e")
+    return str(v)
+
+
+def _fmt(v, nd=3):
+    return "-" if v is None else f"{v:.{nd}g}"
+
+
+def table_rows(result: dict) -> list[list[str]]:
+    out = []
+    for r in result["rows"]:
+        out.append([r["bench"], _shape_str(r["shape"]), r["impl"], _fmt(r["median_ms"]),
+                    f"{_fmt(r['p20_ms'])}-{_fmt(r['p80_ms'])}", f"{r['throughput']:.3g} {r['throughput_unit']}",
+                    _fmt(r["peak_mb"]), _fmt(r["pct_roofline"])])
+    return out
+
+
+HEADERS = ["bench", "shape", "implementation", "median ms", "p20-p80 ms", "throughput",
+           "peak MB", "% roofline"]
+
+
+def print_table(result: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    m = result["machine"]
+    title = f"pluglm bench on {m.get('gpu') or m['cpu']} ({m['threads']} threads, torch {m['torch']})"
+    t = Table(title=title)
+    for h in HEADERS:
+        t.add_column(h, justify="right" if h not in ("bench", "shape", "implementation") else "left")
+    for row in table_rows(result):
+        t.add_row(*row)
+    console.print(t)
+
+
+def to_markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Machine: {m.get('gpu') or m['cpu']}, {m['threads']} threads; torch {m['torch']}, "
+             f"triton {m.get('triton')}; python {m['python']}", "",
+             "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
+    return "\n".join(lines) + "\n"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plot(result: dict, out_dir: Path) -> list[Path]:
+    """Search latency and peak memory against M, log-log, one line per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["bench"] == "search"]
+    if not rows:
+        return []
+    written = []
+    groups = sorted({(r["shape"]["d"], r["shape"]["B"], r["shape"]["k"], r["shape"]["dtype"]) for r in rows})
+    d, B, k, dt = groups[0] if len(groups) == 1 else _pick_group(groups)
+    sel = [r for r in rows if (r["shape"]["d"], r["shape"]["B"], r["shape"]["k"], r["shape"]["dtype"]) == (d, B, k, dt)]
+    machine = result["machine"].get("gpu") or result["machine"]["cpu"]
+    for metric, label, fname in (("median_ms", "latency (ms, median)", "search_latency.png"),
+                                 ("peak_mb", "peak extra memory (MB)", "search_memory.png")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for impl in sorted({r["impl"] for r in sel}):
+            pts = sorted((r["shape"]["M"], r[metric]) for r in sel if r["impl"] == impl and r[metric])
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("memory size M (entries)")
+        ax.set_ylabel(label)
+        ax.set_title(f"top-{k} search, d={d}, B={B}, {dt}\n{machine}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(out_dir) / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _pick_group(groups):
+    # the most populated configuration that the issue's targets use (d=128, B=32, k=5) if present
+    for g in groups:
+        if g[0] == 128 and g[1] == 32 and g[2] == 5:
+            return g
+    return groups[0]
+
+
+def write_all(result: dict, out_dir: Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    p = out_dir / "results.json"
+    atomic_write(p, json.dumps(result, indent=1).encode())
+    written.append(p)
+    p = out_dir / "results.md"
+    atomic_write(p, to_markdown(result).encode())
+    written.append(p)
+    try:
+        written += plot(result, out_dir)
+    except ImportError:
+        pass  # matplotlib is an optional extra: the table, JSON and Markdown still stand
+    return written

@@ -1,0 +1,258 @@
+"""The sweep: each case times our op and every baseline on the same inputs in one run.
+
+Cases (``--quick`` keeps the scaling trend with fewer points):
+- search: ``mips_topk`` vs ``torch.topk(q @ K.T, k)`` vs faiss ``IndexFlatIP`` over M;
+- attention: ``knowledge_attention`` vs the eager reference vs the published formulation
+  (separate bmm, additive bias, softmax, bmm), forward and forward + backward.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import platform
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+import pluglm_kernels as pk
+
+from .measure import PeakMemory, copy_bandwidth_gbs, time_fn
+
+
+@dataclass
+class Row:
+    bench: str
+    impl: str
+    shape: dict
+    device: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int
+    throughput: float          # items per second (queries for search, tokens for attention)
+    throughput_unit: str
+    peak_mb: float | None
+    pct_roofline: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class SweepConfig:
+    device: str = "cpu"
+    quick: bool = False
+    search_M: tuple = ()
+    search_d: tuple = (128,)
+    search_B: tuple = (32,)
+    search_k: tuple = (5,)
+    search_dtypes: tuple = ("float32",)
+    attn_shapes: tuple = ()     # (B, T, N)
+    heads: int = 12
+    head_dim: int = 64
+    budget_s: float = 1.0
+
+    @classmethod
+    def make(cls, device: str, quick: bool) -> "SweepConfig":
+        gpu = device.startswith("cuda")
+        if quick:
+            Ms = (10_000, 100_000, 1_000_000) if not gpu else (100_000, 1_000_000, 4_000_000)
+            return cls(device=device, quick=True, search_M=Ms,
+                       attn_shapes=((8, 128, 5), (32, 128, 5)), budget_s=0.5)
+        if gpu:
+            Ms = (100_000, 1_000_000, 4_000_000, 16_000_000, 64_000_000)
+            return cls(device=device, search_M=Ms, search_d=(128, 768), search_B=(1, 64),
+                       search_k=(5, 64), search_dtypes=("bfloat16", "float32"),
+                       attn_shapes=((1, 128, 5), (8, 512, 5), (32, 128, 32), (32, 512, 32)))
+        Ms = (10_000, 30_000, 100_000, 300_000, 1_000_000, 4_000_000)
+        return cls(device=device, search_M=Ms, search_B=(1, 32, 256), search_k=(5, 100),
+                   attn_shapes=((1, 128, 5), (8, 128, 5), (32, 128, 5), (8, 512, 32)))
+
+
+def machine_info(device: str) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(), "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+            "device": device}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:  # triton is optional
+        info["triton"] = None
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _measure(fn, device, budget_s):
+    gc.collect()
+    with PeakMemory(device) as pm:
+        fn()
+    t = time_fn(fn, device, budget_s=budget_s)
+    return t, (None if pm.peak_bytes is None else pm.peak_bytes / 2**20)
+
+
+def _search_impls(device: str, keys, valid_dtype_for_faiss: bool):
+    impls = []
+    dev = torch.device(device)
+    for be in ("cuda", "triton", "cpu"):
+        if pk._backends.availability("mips_topk", be, dev.type)[0]:
+            impls.append((f"pluglm[{be}]", be))
+    if not impls:
+        impls.append(("pluglm[reference]", "reference"))
+    impls.append(("torch.topk(q@K.T)", "torch"))
+    if valid_dtype_for_faiss and dev.type == "cpu":
+        try:
+            import faiss  # noqa: F401
+
+            impls.append(("faiss.IndexFlatIP", "faiss"))
+        except ImportError:
+            pass
+    return impls
+
+
+def bench_search(cfg: SweepConfig, progress=None, task=None) -> list[Row]:
+    rows: list[Row] = []
+    dev = torch.device(cfg.device)
+    bw = copy_bandwidth_gbs(dev) if dev.type == "cuda" else None
+    for dtype_name in cfg.search_dtypes:
+        dtype = getattr(torch, dtype_name)
+        for d in cfg.search_d:
+            for M in cfg.search_M:
+                if M * d * dtype.itemsize > _memory_budget(dev) / 3:
+                    continue
+                keys = torch.randn(M, d, device=dev).to(dtype)
+                index = None
+                for B in cfg.search_B:
+                    for k in cfg.search_k:
+                        q = torch.randn(B, d, device=dev).to(dtype)
+                        for label, impl in _search_impls(cfg.device, keys, dtype == torch.float32):
+                            if impl == "faiss" and index is None:
+                                import faiss
+
+                                index = faiss.IndexFlatIP(d)
+                                index.add(keys.numpy())
+                            fn = _search_fn(impl, q, keys, k, index)
+                            t, peak = _measure(fn, dev, cfg.budget_s)
+                            pct = None
+                            if bw is not None:
+                                pct = 100.0 * (M * d * dtype.itemsize / (t.median_ms * 1e-3) / 1e9) / bw
+                            rows.append(Row("search", label, dict(M=M, d=d, B=B, k=k, dtype=dtype_name),
+                                            cfg.device, t.median_ms, t.p20_ms, t.p80_ms, t.repeats,
+                                            B / (t.median_ms * 1e-3), "queries/s", peak, pct))
+                            if progress is not None:
+                                progress.advance(task)
+                del keys, index
+                gc.collect()
+    return rows
+
+
+def _memory_budget(dev: torch.device) -> int:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def _search_fn(impl, q, keys, k, index):
+    if impl == "torch":
+        return lambda: torch.topk(q @ keys.T, k, dim=1)
+    if impl == "faiss":
+        qn = q.float().numpy()
+        return lambda: index.search(qn, k)
+    return lambda: pk.mips_topk(q, keys, k, backend=impl)
+
+
+def published_attention(q, k, v, bias, beta):
+    """The published PlugLM formulation: per-head bmm, additive bias, softmax, bmm."""
+    B, T, H, Dh = q.shape
+    N = k.shape[1]
+    qh = q.permute(0, 2, 1, 3).reshape(B * H, T, Dh)
+    kh = k.permute(0, 2, 1, 3).reshape(B * H, N, Dh)
+    vh = v.permute(0, 2, 1, 3).reshape(B * H, N, Dh)
+    scores = torch.bmm(qh, kh.transpose(1, 2)).view(B, H, T, N)
+    scores = scores + beta.view(1, H, 1, 1) * bias.view(B, 1, 1, N)
+    probs = torch.softmax(scores, dim=-1).view(B * H, T, N)
+    return torch.bmm(probs, vh).view(B, H, T, Dh).permute(0, 2, 1, 3)
+
+
+def bench_attention(cfg: SweepConfig, progress=None, task=None) -> list[Row]:
+    rows: list[Row] = []
+    dev = torch.device(cfg.device)
+    H, Dh = cfg.heads, cfg.head_dim
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    for B, T, N in cfg.attn_shapes:
+        q = torch.randn(B, T, H, Dh, device=dev, dtype=dtype) / math.sqrt(Dh)
+        k = torch.randn(B, N, H, Dh, device=dev, dtype=dtype)
+        v = torch.randn(B, N, H, Dh, device=dev, dtype=dtype)
+        bias = torch.rand(B, N, device=dev) * 2 - 1
+        beta = torch.ones(H, device=dev)
+        impls = {
+            "pluglm[auto]": lambda *a: pk.knowledge_attention(*a),
+            "eager reference": lambda *a: pk.reference.knowledge_attention(*a)[0],
+            "published (bmm+softmax)": published_attention,
+        }
+        for mode in ("forward", "forward+backward"):
+            for label, f in impls.items():
+                if mode == "forward":
+                    def fn(f=f):
+                        with torch.no_grad():
+                            f(q, k, v, bias, beta)
+                else:
+                    leaves = [t.detach().requires_grad_() for t in (q, k, v, bias, beta)]
+
+                    def fn(f=f, leaves=leaves):
+                        f(*leaves).float().sum().backward()
+                t, peak = _measure(fn, dev, cfg.budget_s)
+                nbytes = (2 * q.numel() + 2 * k.numel()) * q.element_size()
+                pct = None
+                if dev.type == "cuda" and mode == "forward":
+                    pct = 100.0 * nbytes / (t.median_ms * 1e-3) / 1e9 / copy_bandwidth_gbs(dev)
+                rows.append(Row(f"attention {mode}", label,
+                                dict(B=B, T=T, N=N, H=H, Dh=Dh, dtype=str(dtype).replace("torch.", "")),
+                                cfg.device, t.median_ms, t.p20_ms, t.p80_ms, t.repeats,
+                                B * T / (t.median_ms * 1e-3), "tokens/s", peak, pct))
+                if progress is not None:
+                    progress.advance(task)
+    return rows
+
+
+def count_cases(cfg: SweepConfig) -> int:
+    n_search = 0
+    dev = torch.device(cfg.device)
+    for dtype_name in cfg.search_dtypes:
+        n_impl = len(_search_impls(cfg.device, None, dtype_name == "float32"))
+        for d in cfg.search_d:
+            for M in cfg.search_M:
+                if M * d * getattr(torch, dtype_name).itemsize <= _memory_budget(dev) / 3:
+                    n_search += n_impl * len(cfg.search_B) * len(cfg.search_k)
+    return n_search + len(cfg.attn_shapes) * 2 * 3
+
+
+def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> dict:
+    """Run every case; returns {"machine": ..., "config": ..., "rows": [...]}."""
+    from rich.progress import Progress
+
+    torch.manual_seed(0)
+    with Progress(disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("pluglm bench", total=count_cases(cfg))
+        rows = bench_search(cfg, progress, task) + bench_attention(cfg, progress, task)
+    return {"machine": machine_info(cfg.device), "config": asdict(cfg),
+            "rows": [asdict(r) for r in rows]}
