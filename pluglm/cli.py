@@ -60,7 +60,8 @@ def cmd_bench(args) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("pluglm bench: error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    console = Console()
+    # a wide table even when piped to a file or a CI log
+    console = Console(width=None if sys.stdout.isatty() else 200)
     cfg = SweepConfig.make(device, args.quick)
     result = run_sweep(cfg, show_progress=not args.no_progress)
     report.print_table(result, console)

@@ -8,6 +8,9 @@ torch's.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import re
 import statistics
 import time
@@ -27,6 +30,17 @@ def _proc_kb(field: str) -> int | None:
         return None
 
 
+def _release_free_memory() -> None:
+    """Hand freed heap pages back to the OS so a later allocation shows up in the RSS peak
+    (otherwise glibc reuses resident free chunks and the peak undercounts)."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """``with PeakMemory(device) as pm: ...`` then ``pm.peak_bytes`` (extra over the start)."""
 
@@ -40,6 +54,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
+            _release_free_memory()
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")  # resets VmHWM to the current RSS
