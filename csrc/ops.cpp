@@ -35,6 +35,7 @@ TORCH_LIBRARY(pluglm, m) {
   m.def("_C_gather_knowledge_attention_bwd(Tensor grad_out, Tensor q, Tensor table_k,"
         " Tensor table_v, Tensor indices, Tensor bias, Tensor beta, Tensor out, Tensor lse,"
         " float dropout_p, int seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // --- attentive pooling and the knowledge encoder (encode_knowledge) ---
 }
 
 namespace {
