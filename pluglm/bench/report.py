@@ -26,12 +26,13 @@ def table_rows(result: dict) -> list[list[str]]:
     for r in result["rows"]:
         out.append([r["bench"], _shape_str(r["shape"]), r["impl"], _fmt(r["median_ms"]),
                     f"{_fmt(r['p20_ms'])}-{_fmt(r['p80_ms'])}", f"{r['throughput']:.3g} {r['throughput_unit']}",
-                    _fmt(r["peak_mb"]), _fmt(r["pct_roofline"])])
+                    _fmt(r["peak_mb"]), _fmt(r["pct_roofline"]),
+                    _fmt(r.get("extra", {}).get("recall_at_k"))])
     return out
 
 
 HEADERS = ["bench", "shape", "implementation", "median ms", "p20-p80 ms", "throughput",
-           "peak MB", "% roofline"]
+           "peak MB", "% roofline", "recall@k"]
 
 
 def print_table(result: dict, console=None) -> None:

@@ -103,7 +103,7 @@ def _measure(fn, device, budget_s):
     return t, (None if pm.peak_bytes is None else pm.peak_bytes / 2**20)
 
 
-def _search_impls(device: str, keys, valid_dtype_for_faiss: bool):
+def _search_impls(device: str, faiss_ok: bool, M: int, quick: bool):
     impls = []
     dev = torch.device(device)
     for be in ("cuda", "triton", "cpu"):
@@ -112,14 +112,52 @@ def _search_impls(device: str, keys, valid_dtype_for_faiss: bool):
     if not impls:
         impls.append(("pluglm[reference]", "reference"))
     impls.append(("torch.topk(q@K.T)", "torch"))
-    if valid_dtype_for_faiss and dev.type == "cpu":
-        try:
-            import faiss  # noqa: F401
-
-            impls.append(("faiss.IndexFlatIP", "faiss"))
-        except ImportError:
-            pass
+    if faiss_ok and dev.type == "cpu" and _have_faiss():
+        impls.append(("faiss.IndexFlatIP", "faiss-flat"))
+        # approximate indexes: their build cost grows fast, so the quick sweep stops earlier
+        if M <= (100_000 if quick else 4_000_000):
+            impls.append(("faiss.IVFFlat(nprobe=16)", "faiss-ivf"))
+        if M <= (100_000 if quick else 1_000_000):
+            impls.append(("faiss.HNSW32(ef=64)", "faiss-hnsw"))
     return impls
+
+
+def _have_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _build_faiss(kind: str, keys: torch.Tensor):
+    """(index, build seconds). Inner-product metric throughout."""
+    import time
+
+    import faiss
+
+    x = keys.float().contiguous().numpy()
+    M, d = x.shape
+    t0 = time.perf_counter()
+    if kind == "faiss-flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "faiss-ivf":
+        nlist = max(16, int(4 * M ** 0.5))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        train = x[torch.randperm(M)[: min(M, 40 * nlist)].numpy()]
+        index.train(train)
+        index.nprobe = 16
+    else:
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 40
+        index.hnsw.efSearch = 64
+    index.add(x)
+    return index, time.perf_counter() - t0
+
+
+def _recall(found: torch.Tensor, exact: torch.Tensor) -> float:
+    hits = sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact))
+    return hits / exact.numel()
 
 
 def bench_search(cfg: SweepConfig, progress=None, task=None) -> list[Row]:
@@ -133,29 +171,46 @@ def bench_search(cfg: SweepConfig, progress=None, task=None) -> list[Row]:
                 if M * d * dtype.itemsize > _memory_budget(dev) / 3:
                     continue
                 keys = torch.randn(M, d, device=dev).to(dtype)
-                index = None
+                indexes: dict = {}
                 for B in cfg.search_B:
                     for k in cfg.search_k:
                         q = torch.randn(B, d, device=dev).to(dtype)
-                        for label, impl in _search_impls(cfg.device, keys, dtype == torch.float32):
-                            if impl == "faiss" and index is None:
-                                import faiss
-
-                                index = faiss.IndexFlatIP(d)
-                                index.add(keys.numpy())
+                        exact = None
+                        for label, impl in _search_impls(cfg.device, dtype == torch.float32, M, cfg.quick):
+                            extra = {}
+                            if impl.startswith("faiss"):
+                                if impl not in indexes:
+                                    indexes[impl] = _build_faiss(impl, keys)
+                                index, build_s = indexes[impl]
+                                extra["build_s"] = round(build_s, 3)
+                            else:
+                                index = None
                             fn = _search_fn(impl, q, keys, k, index)
                             t, peak = _measure(fn, dev, cfg.budget_s)
+                            found = _indices_of(impl, fn())
+                            if exact is None:  # the first implementation is our exact search
+                                exact = found
+                            extra["recall_at_k"] = round(_recall(found, exact), 4)
                             pct = None
                             if bw is not None:
                                 pct = 100.0 * (M * d * dtype.itemsize / (t.median_ms * 1e-3) / 1e9) / bw
                             rows.append(Row("search", label, dict(M=M, d=d, B=B, k=k, dtype=dtype_name),
                                             cfg.device, t.median_ms, t.p20_ms, t.p80_ms, t.repeats,
-                                            B / (t.median_ms * 1e-3), "queries/s", peak, pct))
+                                            B / (t.median_ms * 1e-3), "queries/s", peak, pct,
+                                            extra=extra))
                             if progress is not None:
                                 progress.advance(task)
-                del keys, index
+                del keys, indexes
                 gc.collect()
     return rows
+
+
+def _indices_of(impl: str, result) -> torch.Tensor:
+    if impl.startswith("faiss"):
+        return torch.from_numpy(result[1])
+    if impl == "torch":
+        return result.indices.cpu()
+    return result[1].cpu()
 
 
 def _memory_budget(dev: torch.device) -> int:
@@ -174,7 +229,7 @@ def _memory_budget(dev: torch.device) -> int:
 def _search_fn(impl, q, keys, k, index):
     if impl == "torch":
         return lambda: torch.topk(q @ keys.T, k, dim=1)
-    if impl == "faiss":
+    if impl.startswith("faiss"):
         qn = q.float().numpy()
         return lambda: index.search(qn, k)
     return lambda: pk.mips_topk(q, keys, k, backend=impl)
@@ -193,6 +248,17 @@ def published_attention(q, k, v, bias, beta):
     return torch.bmm(probs, vh).view(B, H, T, Dh).permute(0, 2, 1, 3)
 
 
+_COMPILED = None
+
+
+def _compiled_reference():
+    """torch.compile of the eager reference, compiled once per process (dynamic shapes)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(lambda *a: pk.reference.knowledge_attention(*a)[0], dynamic=True)
+    return _COMPILED
+
+
 def bench_attention(cfg: SweepConfig, progress=None, task=None) -> list[Row]:
     rows: list[Row] = []
     dev = torch.device(cfg.device)
@@ -207,6 +273,7 @@ def bench_attention(cfg: SweepConfig, progress=None, task=None) -> list[Row]:
         impls = {
             "pluglm[auto]": lambda *a: pk.knowledge_attention(*a),
             "eager reference": lambda *a: pk.reference.knowledge_attention(*a)[0],
+            "torch.compile(reference)": _compiled_reference(),
             "published (bmm+softmax)": published_attention,
         }
         for mode in ("forward", "forward+backward"):
@@ -238,12 +305,12 @@ def count_cases(cfg: SweepConfig) -> int:
     n_search = 0
     dev = torch.device(cfg.device)
     for dtype_name in cfg.search_dtypes:
-        n_impl = len(_search_impls(cfg.device, None, dtype_name == "float32"))
         for d in cfg.search_d:
             for M in cfg.search_M:
                 if M * d * getattr(torch, dtype_name).itemsize <= _memory_budget(dev) / 3:
+                    n_impl = len(_search_impls(cfg.device, dtype_name == "float32", M, cfg.quick))
                     n_search += n_impl * len(cfg.search_B) * len(cfg.search_k)
-    return n_search + len(cfg.attn_shapes) * 2 * 3
+    return n_search + len(cfg.attn_shapes) * 2 * 4
 
 
 def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> dict:
