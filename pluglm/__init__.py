@@ -1,9 +1,36 @@
 """pluglm: PlugLM-style plug-in memory language models on fused kernels.
 
-Layers: ``pluglm_kernels`` (ops) -> ``pluglm.nn`` (modules) -> ``pluglm`` (model, memory,
-integrations, CLI). Importing ``pluglm`` stays light: transformers-dependent parts import
-lazily.
+Layers: ``pluglm_kernels`` (ops) -> ``pluglm.nn`` (modules, torch only) -> ``pluglm`` (model,
+memory, integrations, CLI). Importing ``pluglm`` registers the PlugLM classes with the
+transformers Auto classes (``AutoConfig``, ``AutoModel``, ``AutoModelForMaskedLM``, ...).
 """
 from __future__ import annotations
 
+from .auto import register as _register_auto
+from .configuration_pluglm import PlugLMConfig
+from .memory import KnowledgeMemory, MemoryFormatError
+from .modeling_pluglm import (
+    PlugLMForMaskedLM,
+    PlugLMForQuestionAnswering,
+    PlugLMForSequenceClassification,
+    PlugLMForTokenClassification,
+    PlugLMModel,
+    PlugLMPreTrainedModel,
+    PlugLMRetrieval,
+)
+
+_register_auto()
+
 __version__ = "0.1.0"
+__all__ = [
+    "KnowledgeMemory",
+    "MemoryFormatError",
+    "PlugLMConfig",
+    "PlugLMForMaskedLM",
+    "PlugLMForQuestionAnswering",
+    "PlugLMForSequenceClassification",
+    "PlugLMForTokenClassification",
+    "PlugLMModel",
+    "PlugLMPreTrainedModel",
+    "PlugLMRetrieval",
+]

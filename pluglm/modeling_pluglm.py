@@ -1,0 +1,764 @@
+"""PlugLM models (DESIGN.md §1): a post-LN BERT whose top ``num_memory_layers`` layers read
+a plug-in memory instead of a full FFN.
+
+Classes: ``PlugLMModel`` (backbone, optional BERT pooler) and the heads
+``PlugLMForMaskedLM``, ``PlugLMForSequenceClassification``, ``PlugLMForQuestionAnswering``,
+``PlugLMForTokenClassification``. State-dict names follow BERT (``bert.embeddings...``,
+``bert.encoder.layer.i.attention...``, ``cls.predictions...``) so BERT checkpoints warm-start
+every non-memory weight.
+
+The memory is plugged in with ``model.set_memory(mem)`` and never owned: it is not a
+submodule, not in the state dict, and ``.to()`` leaves it alone. Any object with
+``search(q [B, key_dim], k) -> (scores, indices)`` and ``fetch(indices [B, N]) ->
+(keys [B, N, key_dim], values [B, N, d])`` works; with ``token_ids_of(indices) ->
+(ids [B, N, L], mask [B, N, L])`` the model can re-encode retrieved entries itself:
+
+* training (grad enabled): search the stored (stale) keys, then re-encode only the
+  retrieved entries with the live document encoder, so the gradient reaches the word /
+  position / type embeddings, the embedding LayerNorm, the document pooler, W_k and W_v;
+* eval: stored keys and values (and, after ``precompute_tables()``, the fused gather op);
+  a memory without stored values is re-encoded under no_grad.
+
+Document encoder (``encode_memory``): ``E = AttnPool_doc(LayerNorm(word + pos + type))`` with
+the backbone's own embedding tables (fused ``pluglm_kernels.encode_knowledge``, no dropout),
+``k = W_k E + b_k`` [key_dim], ``v = W_v E + b_v`` [d].
+
+``output_retrieval=True`` adds ``retrieval``: per memory layer a ``PlugLMRetrieval`` with
+``indices`` [B, N] int64, ``scores`` [B, N] float32 and ``sources`` (nested lists, or None
+when the memory has no ``sources_of``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MaskedLMOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+
+import pluglm_kernels
+from pluglm.nn import AttentivePool, KnowledgeAttention, MemoryLayer
+from pluglm.nn.memory_layer import Memory
+
+from .configuration_pluglm import PlugLMConfig
+
+_ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu,
+        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "tanh": torch.tanh}
+
+
+def _act(name: str):
+    if name not in _ACT:
+        raise ValueError(f"hidden_act must be one of {sorted(_ACT)}, got {name!r}")
+    return _ACT[name]
+
+
+class PlugLMRetrieval(NamedTuple):
+    """What one memory layer retrieved: indices [B, N] int64 (memory rows), scores [B, N]
+    float32 (q . k_i on the searched keys, best first), sources (nested lists shaped like
+    indices, or None when the memory names no sources)."""
+
+    indices: torch.Tensor
+    scores: torch.Tensor
+    sources: list | None = None
+
+
+# ------------------------------------------------------------------------------- outputs
+
+@dataclass
+class PlugLMModelOutput(BaseModelOutputWithPooling):
+    retrieval: tuple | None = None
+
+
+@dataclass
+class PlugLMMaskedLMOutput(MaskedLMOutput):
+    retrieval: tuple | None = None
+
+
+@dataclass
+class PlugLMSequenceClassifierOutput(SequenceClassifierOutput):
+    retrieval: tuple | None = None
+
+
+@dataclass
+class PlugLMQuestionAnsweringOutput(QuestionAnsweringModelOutput):
+    retrieval: tuple | None = None
+
+
+@dataclass
+class PlugLMTokenClassifierOutput(TokenClassifierOutput):
+    retrieval: tuple | None = None
+
+
+# ------------------------------------------------------------------------------ backbone
+
+class PlugLMEmbeddings(nn.Module):
+    """word + position + token type, LayerNorm, dropout (BERT). Also the document encoder's
+    embedding (read through its tables by ``encode_knowledge``, without dropout)."""
+
+    def __init__(self, config: PlugLMConfig):
+        super().__init__()
+        d = config.hidden_size
+        pad = config.pad_token_id
+        pad = pad if isinstance(pad, int) and 0 <= pad < config.vocab_size else None
+        self.word_embeddings = nn.Embedding(config.vocab_size, d, padding_idx=pad)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, d)
+        self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
+        x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, d]
+        B, T = x.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(T, device=x.device)[None]  # [1, T]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(B, T, dtype=torch.long, device=x.device)
+        x = x + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class PlugLMSelfAttention(nn.Module):
+    def __init__(self, config: PlugLMConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = d // self.num_heads
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, x, attn_bias):
+        """x: [B, T, d]; attn_bias: [B, 1, 1, T] additive key-padding bias in x's dtype."""
+        B, T, d = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.query, self.key, self.value))  # [B, H, T, Dh]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
+                                             dropout_p=self.dropout_p if self.training else 0.0)
+        return out.transpose(1, 2).reshape(B, T, d)
+
+
+class PlugLMSelfOutput(nn.Module):
+    def __init__(self, config: PlugLMConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h, x):
+        return self.LayerNorm(self.dropout(self.dense(h)) + x)
+
+
+class PlugLMAttention(nn.Module):
+    """BertAttention: post-LN self-attention block."""
+
+    def __init__(self, config: PlugLMConfig):
+        super().__init__()
+        self.self = PlugLMSelfAttention(config)
+        self.output = PlugLMSelfOutput(config)
+
+    def forward(self, x, attn_bias):
+        return self.output(self.self(x, attn_bias), x)
+
+
+class PlugLMIntermediate(nn.Module):
+    def __init__(self, config: PlugLMConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self._act = _act(config.hidden_act)
+
+    def forward(self, x):
+        return self._act(self.dense(x))
+
+
+class PlugLMOutput(nn.Module):
+    def __init__(self, config: PlugLMConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h, x):
+        return self.LayerNorm(self.dropout(self.dense(h)) + x)
+
+
+class PlugLMLayer(nn.Module):
+    """A plain BERT layer: attention, then the full FFN."""
+
+    def __init__(self, config: PlugLMConfig):
+        super().__init__()
+        self.attention = PlugLMAttention(config)
+        self.intermediate = PlugLMIntermediate(config)
+        self.output = PlugLMOutput(config)
+
+    def forward(self, x, attn_bias, mask, memory):
+        a = self.attention(x, attn_bias)
+        return self.output(self.intermediate(a), a), None
+
+
+class PlugLMMemoryBlock(nn.Module):
+    """A memory layer: attention, then ``pluglm.nn.MemoryLayer`` in place of the full FFN."""
+
+    def __init__(self, config: PlugLMConfig):
+        super().__init__()
+        self.attention = PlugLMAttention(config)
+        self.memory = MemoryLayer(
+            hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+            key_dim=config.key_dim, memory_k=config.memory_k,
+            memory_ffn_dim=config.memory_ffn_dim, ffn_act=config.hidden_act,
+            attention_type=config.knowledge_attention, dropout=config.hidden_dropout_prob,
+            attention_dropout=config.memory_attention_dropout,
+            layer_norm_eps=config.layer_norm_eps, backend=config.kernel_backend)
+
+    def forward(self, x, attn_bias, mask, memory):
+        a = self.attention(x, attn_bias)
+        return self.memory(a, mask, memory, return_retrieval=True)
+
+
+class PlugLMEncoder(nn.Module):
+    def __init__(self, config: PlugLMConfig):
+        super().__init__()
+        first_mem = config.num_hidden_layers - config.num_memory_layers
+        self.layer = nn.ModuleList(
+            [PlugLMLayer(config) if i < first_mem else PlugLMMemoryBlock(config)
+             for i in range(config.num_hidden_layers)])
+
+
+class PlugLMKnowledgeEncoder(nn.Module):
+    """The document side: attentive pooler over embedded entry tokens, W_k and W_v."""
+
+    def __init__(self, config: PlugLMConfig):
+        super().__init__()
+        self.pooler = AttentivePool(config.hidden_size, init_std=config.initializer_range,
+                                    backend=config.kernel_backend)
+        self.key_proj = nn.Linear(config.hidden_size, config.key_dim)
+        self.value_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+
+class PlugLMPooler(nn.Module):
+    def __init__(self, config: PlugLMConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, h):
+        return torch.tanh(self.dense(h[:, 0]))
+
+
+# ------------------------------------------------------------------------ memory adapters
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class _LiveEncodedMemory:
+    """Stale-key search, fresh re-encode: ``search`` reads the memory's stored keys;
+    ``fetch`` re-encodes the retrieved entries from their token ids with the live encoder
+    (each distinct entry once per batch), so the result is differentiable in the encoder."""
+
+    def __init__(self, memory, encoder: "PlugLMModel"):
+        self.memory = memory
+        self.encoder = encoder
+
+    def search(self, q, k):
+        return self.memory.search(q, k)
+
+    def fetch(self, indices):
+        """indices [B, N] -> (keys [B, N, key_dim], values [B, N, d]) from the live encoder."""
+        B, N = indices.shape
+        device = self.encoder.device
+        if _compiling():
+            uniq, inv = indices.reshape(-1), None
+        else:
+            uniq, inv = torch.unique(indices.reshape(-1), return_inverse=True)  # [U], [B*N]
+        ids, mask = self.memory.token_ids_of(uniq.view(1, -1))  # [1, U, L] each
+        ids = ids.reshape(uniq.shape[0], -1).to(device, non_blocking=True)  # [U, L]
+        mask = mask.reshape(uniq.shape[0], -1).to(device, non_blocking=True)  # [U, L]
+        if not _compiling():
+            # Drop columns that are padding in every retrieved entry (positions stay absolute,
+            # so this is exact for any padding side): entries are usually far shorter than L.
+            used = mask.ne(0).any(0).nonzero()
+            last = int(used.max()) + 1 if used.numel() else 1
+            ids, mask = ids[:, :last], mask[:, :last]
+        keys, values = self.encoder.encode_memory(ids, mask)  # [U, key_dim], [U, d]
+        if inv is not None:
+            keys, values = keys[inv], values[inv]
+        return keys.view(B, N, -1), values.view(B, N, -1)
+
+
+# ------------------------------------------------------------------------------- models
+
+class PlugLMPreTrainedModel(PreTrainedModel):
+    """Weight init, memory plumbing and explain() shared by every PlugLM class."""
+
+    config_class = PlugLMConfig
+    base_model_prefix = "bert"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["PlugLMLayer", "PlugLMMemoryBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if module.affine:
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            if module.track_running_stats:
+                nn.init.zeros_(module.running_mean)
+                nn.init.ones_(module.running_var)
+                module.num_batches_tracked.zero_()
+        elif isinstance(module, AttentivePool):
+            nn.init.normal_(module.w1, std=std)
+            nn.init.zeros_(module.b1)
+            nn.init.normal_(module.w2, std=std)
+            nn.init.zeros_(module.b2)
+        elif isinstance(module, KnowledgeAttention):
+            if getattr(module, "beta", None) is not None:
+                nn.init.ones_(module.beta)
+        elif isinstance(module, PlugLMLMPredictionHead):
+            nn.init.zeros_(module.bias)
+
+    @staticmethod
+    def _fix_state_dict_key_on_load(key):
+        # transformers 4.x renames every checkpoint key containing "beta"/"gamma" (legacy TF
+        # LayerNorm names) on load; the knowledge attention's per-head scale is really named
+        # beta. (4.48+ call this hook; 5.x no longer renames.)
+        out = PreTrainedModel._fix_state_dict_key_on_load(key)
+        if key.endswith("knowledge_attention.beta"):
+            return (key, False) if isinstance(out, tuple) else key
+        return out
+
+    # --------------------------------------------------------------------- memory API
+
+    @property
+    def _plug(self) -> "PlugLMModel":
+        return self if isinstance(self, PlugLMModel) else getattr(self, self.base_model_prefix)
+
+    @property
+    def memory(self):
+        """The plugged-in memory (or None)."""
+        return self._plug.__dict__.get("_memory")
+
+    def set_memory(self, memory, *, reencode: bool | None = None):
+        """Plug in ``memory`` (replacing any other); the model keeps a reference only.
+
+        reencode: None (default) = re-encode retrieved entries from their token ids with
+        the live encoder when training with grad enabled, or when the memory stores no
+        values; True = always; False = never (use the memory's ``fetch``). Returns self.
+        """
+        plug = self._plug
+        if memory is not None:
+            if not callable(getattr(memory, "search", None)):
+                raise TypeError(f"memory must have search(q, k); got {type(memory).__name__}")
+            has_ids = callable(getattr(memory, "token_ids_of", None))
+            if not has_ids and not callable(getattr(memory, "fetch", None)):
+                raise TypeError("memory must have fetch(indices) or token_ids_of(indices)")
+            if reencode and not has_ids:
+                raise ValueError("reencode=True needs a memory with token_ids_of(indices)")
+        if reencode not in (None, True, False):
+            raise ValueError(f"reencode must be None, True or False, got {reencode!r}")
+        plug.__dict__["_memory"] = memory
+        plug.__dict__["_reencode"] = reencode
+        for layer in plug.memory_layers():
+            layer.set_memory(memory if isinstance(memory, Memory) else None)
+        return self
+
+    def memory_layers(self) -> list[MemoryLayer]:
+        """The ``pluglm.nn.MemoryLayer`` of every memory block, bottom to top."""
+        return [blk.memory for blk in self._plug.encoder.layer if isinstance(blk, PlugLMMemoryBlock)]
+
+    def encode_memory(self, token_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Memory entries -> (keys [E, key_dim], values [E, d]); differentiable (wrap in
+        no_grad to build a memory). token_ids [E, L] int16/int32/int64, attention_mask
+        [E, L] raw 0/1; moved to the model's device when elsewhere."""
+        return self._plug._encode_memory(token_ids, attention_mask)
+
+    def precompute_tables(self, *, dtype: torch.dtype | None = None, chunk_size: int = 65536):
+        """Inference option (multi_head only): project every stored value once per memory
+        layer and read the projections with the fused gather op in eval. Costs 2·M·d
+        elements per memory layer; rebuilt automatically when the memory or weights change
+        (see ``MemoryLayer.precompute_tables``). Needs a memory with ``values``. Returns self."""
+        memory = self.memory
+        if memory is None:
+            raise ValueError("no memory: call set_memory(memory) first")
+        for layer in self.memory_layers():
+            layer.precompute_tables(memory, dtype=dtype, chunk_size=chunk_size)
+        return self
+
+    def release_tables(self):
+        for layer in self.memory_layers():
+            layer.release_tables()
+        return self
+
+    def convert_sync_batchnorm(self, process_group=None):
+        """Turn the query BatchNorm of every memory layer into SyncBatchNorm (for DDP, so the
+        query statistics are global). State-dict names and values are unchanged. Returns self."""
+        for layer in self.memory_layers():
+            layer.batch_norm = nn.SyncBatchNorm.convert_sync_batchnorm(layer.batch_norm, process_group)
+        return self
+
+    @torch.no_grad()
+    def explain(self, texts, tokenizer, k: int = 5, *, max_length: int | None = None):
+        """Which memory entries each text retrieves, per memory layer.
+
+        Runs the eval forward (no grad; the model's mode is restored) and searches the top
+        ``k`` entries with each memory layer's query. Returns, per text, per memory layer, a
+        list of ``{"index", "score", "text", "source"}`` best first (text/source None when
+        the memory has no ``texts_of``/``sources_of``).
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        memory = self.memory
+        if memory is None:
+            raise ValueError("no memory: call set_memory(memory) first")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        max_length = max_length or self.config.max_position_embeddings
+        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        enc = {n: enc[n].to(self.device) for n in ("input_ids", "attention_mask", "token_type_ids")
+               if n in enc}
+        queries, hooks = [], []
+        for layer in self.memory_layers():
+            hooks.append(layer.batch_norm.register_forward_hook(
+                lambda mod, inp, out: queries.append(out.detach())))
+        was_training = self.training
+        try:
+            self.eval()
+            self._plug(**enc)
+        finally:
+            for h in hooks:
+                h.remove()
+            self.train(was_training)
+        per_layer = []
+        for q in queries:
+            scores, ids = memory.search(q, k)  # [B, k] each
+            txt = memory.texts_of(ids) if hasattr(memory, "texts_of") else None
+            src = memory.sources_of(ids) if hasattr(memory, "sources_of") else None
+            per_layer.append((scores.tolist(), ids.tolist(), txt, src))
+        result = []
+        for b in range(len(texts)):
+            layers = []
+            for scores, ids, txt, src in per_layer:
+                layers.append([{"index": ids[b][j], "score": scores[b][j],
+                                "text": None if txt is None else txt[b][j],
+                                "source": None if src is None else src[b][j]}
+                               for j in range(len(ids[b]))])
+            result.append(layers)
+        return result
+
+    def _return_dict(self, return_dict):
+        return return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+
+
+class PlugLMModel(PlugLMPreTrainedModel):
+    """The PlugLM backbone: embeddings, BERT layers, memory layers on top, optional pooler.
+
+    forward(input_ids [B, T], attention_mask [B, T] raw 0/1, token_type_ids, position_ids,
+    inputs_embeds, output_hidden_states, output_retrieval, return_dict, memory=None) ->
+    PlugLMModelOutput(last_hidden_state [B, T, d], pooler_output [B, d] | None,
+    hidden_states, retrieval). ``memory=`` overrides the plugged-in memory for this call.
+    """
+
+    def __init__(self, config: PlugLMConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = PlugLMEmbeddings(config)
+        self.encoder = PlugLMEncoder(config)
+        self.knowledge_encoder = PlugLMKnowledgeEncoder(config)
+        self.pooler = PlugLMPooler(config) if add_pooling_layer else None
+        self.__dict__["_memory"] = None
+        self.__dict__["_reencode"] = None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def _encode_memory(self, token_ids, attention_mask):
+        if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2:
+            raise ValueError(f"token_ids must have shape [E, L], got "
+                             f"{tuple(getattr(token_ids, 'shape', ()))}")
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != token_ids.shape:
+            raise ValueError(f"attention_mask must be the raw 0/1 mask of token_ids' shape "
+                             f"{tuple(token_ids.shape)}, got {tuple(getattr(attention_mask, 'shape', ()))}")
+        emb = self.embeddings
+        pool = self.knowledge_encoder.pooler
+        device = emb.word_embeddings.weight.device
+        pooled = pluglm_kernels.encode_knowledge(
+            token_ids.to(device), attention_mask.to(device), emb.word_embeddings.weight,
+            emb.position_embeddings.weight, emb.token_type_embeddings.weight, emb.LayerNorm.weight,
+            emb.LayerNorm.bias, pool.w1, pool.b1, pool.w2, pool.b2, eps=emb.LayerNorm.eps,
+            backend=self.config.kernel_backend)  # [E, d]
+        return self.knowledge_encoder.key_proj(pooled), self.knowledge_encoder.value_proj(pooled)
+
+    def _reading_memory(self, memory):
+        """The object the memory layers read for this forward (see the module docstring)."""
+        reencode = self.__dict__.get("_reencode")
+        if reencode is False or not callable(getattr(memory, "token_ids_of", None)):
+            return memory
+        if reencode is True or (self.training and torch.is_grad_enabled()) \
+                or not isinstance(getattr(memory, "values", None), torch.Tensor) \
+                or not callable(getattr(memory, "fetch", None)):
+            return _LiveEncodedMemory(memory, self)
+        return memory
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, output_hidden_states=None, output_retrieval=False,
+                return_dict=None, memory=None, output_attentions=None):
+        if output_attentions:
+            raise NotImplementedError("output_attentions is not supported (fused attention)")
+        return_dict = self._return_dict(return_dict)
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else getattr(self.config, "output_hidden_states", False))
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, d]")
+        shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:2])
+        if len(shape) != 2 or (inputs_embeds is not None and inputs_embeds.dim() != 3):
+            raise ValueError(f"input_ids must be [B, T] (inputs_embeds [B, T, d]), got {shape}")
+        B, T = shape
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
+                             f"({self.config.max_position_embeddings})")
+        device = self.embeddings.word_embeddings.weight.device
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
+        elif tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask must be the raw [B={B}, T={T}] 0/1 padding mask, "
+                             f"got {tuple(attention_mask.shape)}")
+
+        x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # [B, T, d]
+        keep = attention_mask.to(device).ne(0)  # [B, T]
+        attn_bias = torch.zeros(B, 1, 1, T, dtype=x.dtype, device=device).masked_fill(
+            ~keep[:, None, None, :], torch.finfo(x.dtype).min)  # [B, 1, 1, T]
+
+        memory = self.memory if memory is None else memory
+        reading = None
+        if self.config.num_memory_layers > 0:
+            if memory is None:
+                raise ValueError("no memory: call model.set_memory(memory) (or pass memory=)")
+            reading = self._reading_memory(memory)
+
+        hidden_states = (x,) if output_hidden_states else None
+        retrieval = []
+        for blk in self.encoder.layer:
+            x, r = blk(x, attn_bias, keep, reading)
+            if r is not None:
+                retrieval.append(r)
+            if output_hidden_states:
+                hidden_states = hidden_states + (x,)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        ret = self._retrieval(memory, retrieval) if output_retrieval else None
+        if not return_dict:
+            return tuple(v for v in (x, pooled, hidden_states, ret) if v is not None)
+        return PlugLMModelOutput(last_hidden_state=x, pooler_output=pooled,
+                                 hidden_states=hidden_states, retrieval=ret)
+
+    @staticmethod
+    def _retrieval(memory, retrieval):
+        sources_of = getattr(memory, "sources_of", None)
+        return tuple(PlugLMRetrieval(r.indices, r.scores,
+                                     sources_of(r.indices) if callable(sources_of) else None)
+                     for r in retrieval)
+
+
+# --------------------------------------------------------------------------------- heads
+
+class PlugLMPredictionHeadTransform(nn.Module):
+    def __init__(self, config: PlugLMConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self._act = _act(config.hidden_act)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, h):
+        return self.LayerNorm(self._act(self.dense(h)))
+
+
+class PlugLMLMPredictionHead(nn.Module):
+    """MLM head; the decoder is the word-embedding matrix itself (tied by construction, so
+    no tied-weight bookkeeping that differs between transformers versions)."""
+
+    def __init__(self, config: PlugLMConfig):
+        super().__init__()
+        self.transform = PlugLMPredictionHeadTransform(config)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))  # [V]
+
+    def forward(self, h, decoder_weight):
+        return F.linear(self.transform(h), decoder_weight, self.bias)  # [B, T, V]
+
+
+class PlugLMOnlyMLMHead(nn.Module):
+    def __init__(self, config: PlugLMConfig):
+        super().__init__()
+        self.predictions = PlugLMLMPredictionHead(config)
+
+
+def _pack(return_dict, cls, loss, retrieval, **fields):
+    if return_dict:
+        return cls(loss=loss, retrieval=retrieval, **fields)
+    out = tuple(v for v in fields.values() if v is not None)
+    if retrieval is not None:
+        out = out + (retrieval,)
+    return ((loss,) + out) if loss is not None else out
+
+
+_BACKBONE_ARGS = ("attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
+                  "output_hidden_states", "output_retrieval", "memory", "output_attentions")
+
+
+class PlugLMForMaskedLM(PlugLMPreTrainedModel):
+    """Masked LM: logits [B, T, vocab]; loss = cross-entropy over labels != -100."""
+
+    def __init__(self, config: PlugLMConfig):
+        super().__init__(config)
+        self.bert = PlugLMModel(config, add_pooling_layer=False)
+        self.cls = PlugLMOnlyMLMHead(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.bert.embeddings.word_embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, output_hidden_states=None, output_retrieval=False,
+                return_dict=None, memory=None, output_attentions=None):
+        return_dict = self._return_dict(return_dict)
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                        output_hidden_states, output_retrieval, True, memory, output_attentions)
+        logits = self.cls.predictions(out.last_hidden_state,
+                                      self.bert.embeddings.word_embeddings.weight)  # [B, T, V]
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(),
+                                   labels.to(logits.device).view(-1), ignore_index=-100)
+        return _pack(return_dict, PlugLMMaskedLMOutput, loss, out.retrieval, logits=logits,
+                     hidden_states=out.hidden_states)
+
+
+class PlugLMForSequenceClassification(PlugLMPreTrainedModel):
+    """Sequence classification / regression on the BERT pooler output ([CLS]).
+    ``config.problem_type`` picks the loss as in BERT (inferred from labels when unset)."""
+
+    def __init__(self, config: PlugLMConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = PlugLMModel(config, add_pooling_layer=True)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, output_hidden_states=None, output_retrieval=False,
+                return_dict=None, memory=None, output_attentions=None):
+        return_dict = self._return_dict(return_dict)
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                        output_hidden_states, output_retrieval, True, memory, output_attentions)
+        logits = self.classifier(self.dropout(out.pooler_output))  # [B, num_labels]
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            if self.config.problem_type is None:
+                if self.num_labels == 1:
+                    self.config.problem_type = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    self.config.problem_type = "single_label_classification"
+                else:
+                    self.config.problem_type = "multi_label_classification"
+            if self.config.problem_type == "regression":
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float()) \
+                    if self.num_labels == 1 else F.mse_loss(logits.float(), labels.float())
+            elif self.config.problem_type == "single_label_classification":
+                loss = F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.view(-1))
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        return _pack(return_dict, PlugLMSequenceClassifierOutput, loss, out.retrieval,
+                     logits=logits, hidden_states=out.hidden_states)
+
+
+class PlugLMForQuestionAnswering(PlugLMPreTrainedModel):
+    """Extractive QA: start/end logits [B, T]; loss = mean of the two cross-entropies
+    (positions clamped to [0, T], T ignored, as in BERT)."""
+
+    def __init__(self, config: PlugLMConfig):
+        super().__init__(config)
+        self.bert = PlugLMModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, start_positions=None, end_positions=None,
+                output_hidden_states=None, output_retrieval=False, return_dict=None, memory=None,
+                output_attentions=None):
+        return_dict = self._return_dict(return_dict)
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                        output_hidden_states, output_retrieval, True, memory, output_attentions)
+        start, end = self.qa_outputs(out.last_hidden_state).unbind(-1)  # [B, T] each
+        start, end = start.contiguous(), end.contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            T = start.shape[1]
+            sp = start_positions.to(start.device).view(-1).clamp(0, T)
+            ep = end_positions.to(start.device).view(-1).clamp(0, T)
+            loss = (F.cross_entropy(start.float(), sp, ignore_index=T)
+                    + F.cross_entropy(end.float(), ep, ignore_index=T)) / 2
+        return _pack(return_dict, PlugLMQuestionAnsweringOutput, loss, out.retrieval,
+                     start_logits=start, end_logits=end, hidden_states=out.hidden_states)
+
+
+class PlugLMForTokenClassification(PlugLMPreTrainedModel):
+    """Token classification: logits [B, T, num_labels]; loss = cross-entropy (-100 ignored)."""
+
+    def __init__(self, config: PlugLMConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = PlugLMModel(config, add_pooling_layer=False)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, output_hidden_states=None, output_retrieval=False,
+                return_dict=None, memory=None, output_attentions=None):
+        return_dict = self._return_dict(return_dict)
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                        output_hidden_states, output_retrieval, True, memory, output_attentions)
+        logits = self.classifier(self.dropout(out.last_hidden_state))  # [B, T, num_labels]
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, self.num_labels).float(),
+                                   labels.to(logits.device).view(-1), ignore_index=-100)
+        return _pack(return_dict, PlugLMTokenClassifierOutput, loss, out.retrieval,
+                     logits=logits, hidden_states=out.hidden_states)
+
+
+__all__ = [
+    "PlugLMForMaskedLM",
+    "PlugLMForQuestionAnswering",
+    "PlugLMForSequenceClassification",
+    "PlugLMForTokenClassification",
+    "PlugLMModel",
+    "PlugLMPreTrainedModel",
+    "PlugLMRetrieval",
+]
