@@ -36,6 +36,26 @@ TORCH_LIBRARY(pluglm, m) {
         " Tensor table_v, Tensor indices, Tensor bias, Tensor beta, Tensor out, Tensor lse,"
         " float dropout_p, int seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // --- attentive pooling and the knowledge encoder (encode_knowledge) ---
+  // Fused embedding gather + LayerNorm. token_ids [E, T] (uint8/int16/int32/int64),
+  // token_type_ids [E, T] or None (= type 0), tables word [V, D], pos [P, D], type [Tt, D]
+  // (one dtype), ln_w/ln_b [D]. Returns h [E, T, D] (tables' dtype), mean and rstd [E, T] f32.
+  m.def("_C_embed_layernorm_fwd(Tensor token_ids, Tensor? token_type_ids, Tensor word,"
+        " Tensor pos, Tensor type, Tensor ln_w, Tensor ln_b, float eps, int position_offset)"
+        " -> (Tensor, Tensor, Tensor)");
+  // Gradients of the above from dh [E, T, D]: (dword [V, D], dpos [P, D], dtype [Tt, D] in
+  // the tables' dtype, dln_w [D] f32, dln_b [D] f32). Rows are recomputed from the tables.
+  m.def("_C_embed_layernorm_bwd(Tensor dh, Tensor token_ids, Tensor? token_type_ids,"
+        " Tensor word, Tensor pos, Tensor type, Tensor ln_w, Tensor mean, Tensor rstd,"
+        " int position_offset) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Attentive pooling around the pooler matmul u = x W1^T + b1: x [B, T, D], mask [B, T],
+  // u [B, T, Hp] (x's dtype), w2 [Hp], b2 [1]. Returns pooled [B, D] (x's dtype) and
+  // alpha [B, T] f32 (masked softmax of w2.tanh(u) + b2; all zero for an empty row).
+  m.def("_C_attentive_pool_fwd(Tensor x, Tensor mask, Tensor u, Tensor w2, Tensor b2)"
+        " -> (Tensor, Tensor)");
+  // Gradients from grad [B, D]: (dx_direct [B, T, D], du [B, T, Hp] in x's dtype,
+  // dw2 [Hp] f32, db2 [1] f32); the caller adds du W1 to dx and forms dW1, db1.
+  m.def("_C_attentive_pool_bwd(Tensor grad, Tensor x, Tensor mask, Tensor u, Tensor w2,"
+        " Tensor alpha) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

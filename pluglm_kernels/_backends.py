@@ -25,8 +25,13 @@ _NATIVE = {
         "_C_gather_knowledge_attention_fwd",
         "_C_gather_knowledge_attention_bwd",
     ),
-    "attentive_pool": (),
-    "encode_knowledge": (),
+    "attentive_pool": ("_C_attentive_pool_fwd", "_C_attentive_pool_bwd"),
+    "encode_knowledge": (
+        "_C_embed_layernorm_fwd",
+        "_C_embed_layernorm_bwd",
+        "_C_attentive_pool_fwd",
+        "_C_attentive_pool_bwd",
+    ),
 }
 # Public ops that have a Triton kernel (filled in by the Triton modules as they import).
 TRITON_OPS: set[str] = set()
@@ -120,7 +125,7 @@ def availability(op: str, backend: str, device_type: str) -> tuple[bool, str]:
 @functools.lru_cache(maxsize=None)
 def _import_triton_kernels() -> None:
     # Each module adds its op to TRITON_OPS; a failure leaves that op without Triton.
-    for name in ("mips_topk", "knowledge_attention"):
+    for name in ("mips_topk", "knowledge_attention", "encode_knowledge"):
         try:
             importlib.import_module(f"pluglm_kernels.triton.{name}")
         except ImportError:

@@ -189,13 +189,73 @@ gather_knowledge_attention_op.register_autograd(_gka_backward, setup_context=_gk
 
 
 # --------------------------------------------------------------------------- attentive_pool
+#
+# The pooler's W1 product stays a matmul, u = x W1^T + b1 [B, T, Hp] in x's dtype;
+# everything around it is fused: the forward kernel does tanh, the w2 product, the masked
+# max-subtracted softmax and the weighted sum; the backward kernel gives dx_direct = alpha g
+# and du, and dW1 = du^T x, db1 = sum du, dx += du W1 are matmuls again. The backward
+# recomputes u and alpha instead of keeping them alive between forward and backward.
+
+
+def _resolve_kernel(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    # The kernels take float32/float16/bfloat16; "auto" sends float64 to the reference.
+    if backend == "auto" and dtype == torch.float64:
+        return "reference"
+    return _backends.resolve(op, backend, device)
+
+
+def _kernels(be: str):
+    """(embed_layernorm_fwd, embed_layernorm_bwd, attentive_pool_fwd, attentive_pool_bwd)."""
+    if be in ("cpu", "cuda"):
+        o = torch.ops.pluglm
+        return (o._C_embed_layernorm_fwd, o._C_embed_layernorm_bwd, o._C_attentive_pool_fwd,
+                o._C_attentive_pool_bwd)
+    from .triton import encode_knowledge as tek
+
+    return (tek.embed_layernorm_fwd, tek.embed_layernorm_bwd, tek.attentive_pool_fwd,
+            tek.attentive_pool_bwd)
+
+
+def _no_autocast(x: Tensor):
+    # The kernels fix the matmul dtype to x's; an enclosing autocast must not change it.
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _pooler_u(x: Tensor, w1: Tensor, b1: Tensor) -> Tensor:
+    B, T, D = x.shape
+    with _no_autocast(x):
+        u = torch.addmm(b1.to(x.dtype), x.reshape(B * T, D), w1.to(x.dtype).t())
+    return u.view(B, T, w1.shape[0])  # [B, T, Hp]
+
+
+def _pool_forward(kern, x, mask, w1, b1, w2, b2):
+    """(pooled [B, D], u [B, T, Hp], alpha [B, T] f32)."""
+    u = _pooler_u(x, w1, b1)
+    pooled, alpha = kern[2](x, mask, u, w2, b2)
+    return pooled, u, alpha
+
+
+def _pool_backward(kern, grad, x, mask, w1, b1, w2, b2, u, alpha):
+    """(dx, dw1, db1, dw2, db2), each in the dtype of its input."""
+    B, T, D = x.shape
+    Hp = u.shape[2]
+    dx_direct, du, dw2, db2 = kern[3](grad, x, mask, u, w2, alpha)
+    du2 = du.reshape(B * T, Hp)
+    with _no_autocast(x):
+        dx = torch.addmm(dx_direct.reshape(B * T, D), du2, w1.to(x.dtype)).view(B, T, D)
+        dw1 = (du2.t() @ x.reshape(B * T, D)).to(w1.dtype)
+    db1 = du2.sum(0, dtype=torch.float32).to(b1.dtype)
+    return (dx, dw1, db1, dw2.to(w2.dtype).reshape(w2.shape),
+            db2.to(b2.dtype).reshape(b2.shape))
 
 
 @torch.library.custom_op("pluglm::attentive_pool", mutates_args=())
 def attentive_pool_op(x: Tensor, mask: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                       backend: str) -> Tensor:
-    _backends.resolve("attentive_pool", backend, x.device)
-    return reference.attentive_pool(x, mask, w1, b1, w2, b2)
+    be = _resolve_kernel("attentive_pool", backend, x.device, x.dtype)
+    if be == "reference":
+        return reference.attentive_pool(x, mask, w1, b1, w2, b2)
+    return _pool_forward(_kernels(be), x, mask, w1, b1, w2, b2)[0]
 
 
 @attentive_pool_op.register_fake
@@ -207,10 +267,14 @@ def _(x, mask, w1, b1, w2, b2, backend):
 def attentive_pool_backward_op(grad: Tensor, x: Tensor, mask: Tensor, w1: Tensor, b1: Tensor,
                                w2: Tensor, b2: Tensor, backend: str
                                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _backends.resolve("attentive_pool", backend, x.device)
-    _, vjp = torch.func.vjp(lambda *a: reference.attentive_pool(a[0], mask, *a[1:]),
-                            x, w1, b1, w2, b2)
-    return tuple(g.contiguous() for g in vjp(grad))
+    be = _resolve_kernel("attentive_pool", backend, x.device, x.dtype)
+    if be == "reference":
+        _, vjp = torch.func.vjp(lambda *a: reference.attentive_pool(a[0], mask, *a[1:]),
+                                x, w1, b1, w2, b2)
+        return tuple(g.contiguous() for g in vjp(grad))
+    kern = _kernels(be)
+    _, u, alpha = _pool_forward(kern, x, mask, w1, b1, w2, b2)
+    return _pool_backward(kern, grad, x, mask, w1, b1, w2, b2, u, alpha)
 
 
 @attentive_pool_backward_op.register_fake
@@ -235,6 +299,12 @@ attentive_pool_op.register_autograd(_ap_backward, setup_context=_ap_setup)
 
 
 # ------------------------------------------------------------------------- encode_knowledge
+#
+# One fused kernel gathers word + position + token-type rows and applies the LayerNorm
+# (h [E, T, D], plus mean/rstd per token), then the attentive pooling above. The backward
+# recomputes h, u and alpha (nothing [E, T, D]-sized is kept between the passes), runs the
+# pooling backward and the fused LayerNorm backward that scatters into the three tables
+# (deterministic on CPU; float32 atomics on GPU).
 
 _ENC_PARAMS = ("word_embeddings", "position_embeddings", "token_type_embeddings", "ln_weight",
                "ln_bias", "w1", "b1", "w2", "b2")
@@ -246,11 +316,16 @@ def encode_knowledge_op(token_ids: Tensor, attention_mask: Tensor, word_embeddin
                         ln_weight: Tensor, ln_bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
                         b2: Tensor, token_type_ids: Optional[Tensor], eps: float,
                         position_offset: int, backend: str) -> Tensor:
-    _backends.resolve("encode_knowledge", backend, token_ids.device)
-    return reference.encode_knowledge(token_ids, attention_mask, word_embeddings,
-                                      position_embeddings, token_type_embeddings, ln_weight,
-                                      ln_bias, w1, b1, w2, b2, token_type_ids, eps,
-                                      position_offset)
+    be = _resolve_kernel("encode_knowledge", backend, token_ids.device, word_embeddings.dtype)
+    if be == "reference":
+        return reference.encode_knowledge(token_ids, attention_mask, word_embeddings,
+                                          position_embeddings, token_type_embeddings, ln_weight,
+                                          ln_bias, w1, b1, w2, b2, token_type_ids, eps,
+                                          position_offset)
+    kern = _kernels(be)
+    h, _, _ = kern[0](token_ids, token_type_ids, word_embeddings, position_embeddings,
+                      token_type_embeddings, ln_weight, ln_bias, eps, position_offset)
+    return _pool_forward(kern, h, attention_mask, w1, b1, w2, b2)[0]
 
 
 @encode_knowledge_op.register_fake
@@ -265,17 +340,29 @@ def encode_knowledge_backward_op(
     ln_bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     token_type_ids: Optional[Tensor], eps: float, position_offset: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _backends.resolve("encode_knowledge", backend, token_ids.device)
-
-    def f(*params):
-        return reference.encode_knowledge(token_ids, attention_mask, *params,
-                                          token_type_ids=token_type_ids, eps=eps,
-                                          position_offset=position_offset)
-
+    be = _resolve_kernel("encode_knowledge", backend, token_ids.device, word_embeddings.dtype)
     params = (word_embeddings, position_embeddings, token_type_embeddings, ln_weight, ln_bias,
               w1, b1, w2, b2)
-    _, vjp = torch.func.vjp(f, *params)
-    return tuple(g.contiguous() for g in vjp(grad))
+    if be == "reference":
+        def f(*params):
+            return reference.encode_knowledge(token_ids, attention_mask, *params,
+                                              token_type_ids=token_type_ids, eps=eps,
+                                              position_offset=position_offset)
+
+        _, vjp = torch.func.vjp(f, *params)
+        return tuple(g.contiguous() for g in vjp(grad))
+    kern = _kernels(be)
+    h, mean, rstd = kern[0](token_ids, token_type_ids, word_embeddings, position_embeddings,
+                            token_type_embeddings, ln_weight, ln_bias, eps, position_offset)
+    _, u, alpha = _pool_forward(kern, h, attention_mask, w1, b1, w2, b2)
+    dh, dw1, db1, dw2, db2 = _pool_backward(kern, grad, h, attention_mask, w1, b1, w2, b2, u,
+                                            alpha)
+    del u, h
+    dword, dpos, dtype, dlnw, dlnb = kern[1](dh, token_ids, token_type_ids, word_embeddings,
+                                             position_embeddings, token_type_embeddings,
+                                             ln_weight, mean, rstd, position_offset)
+    return (dword, dpos, dtype, dlnw.to(ln_weight.dtype), dlnb.to(ln_bias.dtype), dw1, db1, dw2,
+            db2)
 
 
 @encode_knowledge_backward_op.register_fake
