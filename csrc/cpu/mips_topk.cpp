@@ -1,0 +1,615 @@
+// C++ CPU (OpenMP via at::parallel_for) kernel of pluglm::_C_mips_topk: exact top-k inner
+// product that reads each key once and never materialises the [B, M] score matrix.
+//
+// Design. The key rows are split into one contiguous partition per thread. A thread walks
+// its partition in blocks of keys (converted to float32 in a small per-thread buffer for
+// f16/bf16/int8), scores each block against every query with a register-blocked
+// micro-kernel (queries along the SIMD lanes, keys broadcast; SIMD along d when B <= 4),
+// and keeps a bounded min-heap of the best k (score, index) pairs per query. The micro-kernel also compares its scores
+// with each query's current k-th best, so almost every tile is discarded without leaving
+// registers. At the end the per-thread heaps are merged and sorted by (score desc, index
+// asc). Extra memory: per thread one key block (<= ~256 KB) + heaps [B, k]; never O(M).
+//
+// Determinism. Every score is the same sequence of fused multiply-adds over c = 0..d-1 (for
+// B <= 4, 16 strided chains and a fixed horizontal sum) whatever the partition, block or
+// thread count: the sequence depends only on the instruction set picked for the call and on
+// B, which picks the kernel. The heaps and the merge use the total order (score desc, index
+// asc). So results do not depend on the number of threads, and copies of a key tie exactly
+// and come out lower index first. A NaN score (NaN in a key row) is never selected.
+//
+// Instruction sets: AVX-512F and AVX2+FMA+F16C kernels are compiled with target attributes
+// and picked at run time; a portable scalar kernel covers everything else.
+// PLUGLM_CPU_ISA=avx512|avx2|scalar caps the choice (tests use it to exercise each path).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_*.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#define PLUGLM_X86 1
+#endif
+
+namespace {
+
+constexpr int64_t kMaxK = 2048;
+// Keys per block: about this many bytes of float32 rows, so a block stays in L2 while
+// every query chunk sweeps it.
+constexpr int64_t kBlockBytes = 192 * 1024;
+
+enum class KeyType { F32, F16, BF16, I8 };
+enum class Isa { Scalar, Avx2, Avx512 };
+
+// ------------------------------------------------------------------------ micro-kernels
+//
+// A kernel scores NR key rows (float32, row r at rows + r * ld, d columns) against one
+// query chunk of CW queries packed as qt [d][CW] (zero in padded lanes), into
+// tile [NR][CW]. It returns whether any score is >= the query's threshold thr [CW]
+// (padded lanes hold +inf), and only then writes the tile: the common case touches no
+// memory but the inputs.
+using KernelFn = bool (*)(const float* qt, const float* rows, int64_t ld, int64_t d,
+                          const float* thr, float* tile);
+// Converts n values of one key row into float32, times `scale` (int8 only; 1 otherwise).
+using ConvertFn = void (*)(const void* src, KeyType kt, float scale, float* dst, int64_t n);
+
+struct Impl {
+  KernelFn kernel;
+  int cw;  // queries per chunk (SIMD lanes x vectors)
+  int nr;  // keys per kernel call
+  ConvertFn convert;
+  bool q_rows = false;  // queries packed [CW][d] (dot-product kernels), not [d][CW]
+};
+
+template <int CW, int NR>
+bool kernel_scalar(const float* qt, const float* rows, int64_t ld, int64_t d,
+                   const float* thr, float* tile) {
+  float acc[NR][CW];
+  for (int r = 0; r < NR; ++r)
+    for (int l = 0; l < CW; ++l) acc[r][l] = 0.f;
+  for (int64_t c = 0; c < d; ++c) {
+    const float* q = qt + c * CW;
+    for (int r = 0; r < NR; ++r) {
+      const float kv = rows[r * ld + c];
+      for (int l = 0; l < CW; ++l) acc[r][l] = std::fma(q[l], kv, acc[r][l]);
+    }
+  }
+  bool any = false;
+  for (int r = 0; r < NR; ++r)
+    for (int l = 0; l < CW; ++l) any |= acc[r][l] >= thr[l];
+  if (any) std::memcpy(tile, acc, sizeof(acc));
+  return any;
+}
+
+void convert_scalar(const void* src, KeyType kt, float scale, float* dst, int64_t n) {
+  switch (kt) {
+    case KeyType::F32:
+      std::memcpy(dst, src, n * sizeof(float));
+      break;
+    case KeyType::F16: {
+      const c10::Half* s = static_cast<const c10::Half*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+      break;
+    }
+    case KeyType::BF16: {
+      const c10::BFloat16* s = static_cast<const c10::BFloat16*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+      break;
+    }
+    case KeyType::I8: {
+      const int8_t* s = static_cast<const int8_t*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]) * scale;
+      break;
+    }
+  }
+}
+
+#ifdef PLUGLM_X86
+
+// NV vectors of 16 queries x NR keys: NV * NR accumulators (24 of the 32 zmm registers);
+// the key value is an embedded-broadcast memory operand of the FMA.
+template <int NV, int NR>
+__attribute__((target("avx512f"))) bool kernel_avx512(const float* qt, const float* rows,
+                                                      int64_t ld, int64_t d, const float* thr,
+                                                      float* tile) {
+  constexpr int CW = 16 * NV;
+  __m512 acc[NR][NV];
+#pragma GCC unroll 32
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; ++c) {
+    __m512 q[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) q[v] = _mm512_loadu_ps(qt + c * CW + 16 * v);
+#pragma GCC unroll 32
+    for (int r = 0; r < NR; ++r) {
+      const __m512 kv = _mm512_set1_ps(rows[r * ld + c]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(q[v], kv, acc[r][v]);
+    }
+  }
+  __mmask16 hit = 0;
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const __m512 t = _mm512_loadu_ps(thr + 16 * v);
+#pragma GCC unroll 32
+    for (int r = 0; r < NR; ++r) hit |= _mm512_cmp_ps_mask(acc[r][v], t, _CMP_GE_OQ);
+  }
+  if (!hit) return false;
+#pragma GCC unroll 32
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(tile + r * CW + 16 * v, acc[r][v]);
+  return true;
+}
+
+// Few queries (B <= 4): SIMD along d instead, so lanes are not wasted on absent queries.
+// NR keys x NQ queries accumulate 16-wide partial dot products (a masked load covers the
+// tail of d), then each is reduced horizontally. qt holds the queries row-major [NQ][d].
+template <int NQ, int NR>
+__attribute__((target("avx512f"))) bool kernel_dot_avx512(const float* qt, const float* rows,
+                                                          int64_t ld, int64_t d,
+                                                          const float* thr, float* tile) {
+  __m512 acc[NR][NQ];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < NQ; ++b) acc[r][b] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= d; c += 16) {
+    __m512 q[NQ];
+#pragma GCC unroll 4
+    for (int b = 0; b < NQ; ++b) q[b] = _mm512_loadu_ps(qt + b * d + c);
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      const __m512 kv = _mm512_loadu_ps(rows + r * ld + c);
+#pragma GCC unroll 4
+      for (int b = 0; b < NQ; ++b) acc[r][b] = _mm512_fmadd_ps(q[b], kv, acc[r][b]);
+    }
+  }
+  if (c < d) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (d - c)) - 1u);
+    __m512 q[NQ];
+#pragma GCC unroll 4
+    for (int b = 0; b < NQ; ++b) q[b] = _mm512_maskz_loadu_ps(m, qt + b * d + c);
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      const __m512 kv = _mm512_maskz_loadu_ps(m, rows + r * ld + c);
+#pragma GCC unroll 4
+      for (int b = 0; b < NQ; ++b) acc[r][b] = _mm512_fmadd_ps(q[b], kv, acc[r][b]);
+    }
+  }
+  float s[NR][NQ];
+  bool hit = false;
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < NQ; ++b) {
+      s[r][b] = _mm512_reduce_add_ps(acc[r][b]);
+      hit |= s[r][b] >= thr[b];
+    }
+  if (hit) std::memcpy(tile, s, sizeof(s));
+  return hit;
+}
+
+__attribute__((target("avx512f"))) void convert_avx512(const void* src, KeyType kt, float scale,
+                                                        float* dst, int64_t n) {
+  int64_t i = 0;
+  switch (kt) {
+    case KeyType::F32:
+      std::memcpy(dst, src, n * sizeof(float));
+      return;
+    case KeyType::F16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + i))));
+      break;
+    }
+    case KeyType::BF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (; i + 16 <= n; i += 16) {
+        const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + i)));
+        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+      }
+      break;
+    }
+    case KeyType::I8: {
+      const int8_t* s = static_cast<const int8_t*>(src);
+      const __m512 sc = _mm512_set1_ps(scale);
+      for (; i + 16 <= n; i += 16) {
+        const __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(s + i)));
+        _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtepi32_ps(w), sc));
+      }
+      break;
+    }
+  }
+  if (i < n) {
+    const int64_t esz = kt == KeyType::I8 ? 1 : 2;
+    convert_scalar(static_cast<const char*>(src) + i * esz, kt, scale, dst + i, n - i);
+  }
+}
+
+template <int NV, int NR>
+__attribute__((target("avx2,fma"))) bool kernel_avx2(const float* qt, const float* rows,
+                                                     int64_t ld, int64_t d, const float* thr,
+                                                     float* tile) {
+  constexpr int CW = 8 * NV;
+  __m256 acc[NR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < d; ++c) {
+    __m256 q[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) q[v] = _mm256_loadu_ps(qt + c * CW + 8 * v);
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      const __m256 kv = _mm256_broadcast_ss(rows + r * ld + c);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(q[v], kv, acc[r][v]);
+    }
+  }
+  int hit = 0;
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const __m256 t = _mm256_loadu_ps(thr + 8 * v);
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) hit |= _mm256_movemask_ps(_mm256_cmp_ps(acc[r][v], t, _CMP_GE_OQ));
+  }
+  if (!hit) return false;
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(tile + r * CW + 8 * v, acc[r][v]);
+  return true;
+}
+
+__attribute__((target("avx2,f16c"))) void convert_avx2(const void* src, KeyType kt, float scale,
+                                                        float* dst, int64_t n) {
+  int64_t i = 0;
+  switch (kt) {
+    case KeyType::F32:
+      std::memcpy(dst, src, n * sizeof(float));
+      return;
+    case KeyType::F16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + i))));
+      break;
+    }
+    case KeyType::BF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (; i + 8 <= n; i += 8) {
+        const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(s + i)));
+        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+      }
+      break;
+    }
+    case KeyType::I8: {
+      const int8_t* s = static_cast<const int8_t*>(src);
+      const __m256 sc = _mm256_set1_ps(scale);
+      for (; i + 8 <= n; i += 8) {
+        const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(s + i)));
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(w), sc));
+      }
+      break;
+    }
+  }
+  if (i < n) {
+    const int64_t esz = kt == KeyType::I8 ? 1 : 2;
+    convert_scalar(static_cast<const char*>(src) + i * esz, kt, scale, dst + i, n - i);
+  }
+}
+
+#endif  // PLUGLM_X86
+
+Isa detect_isa() {
+  Isa best = Isa::Scalar;
+#ifdef PLUGLM_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f"))
+    best = Isa::Avx512;
+  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c"))
+    best = Isa::Avx2;
+#endif
+  return best;
+}
+
+// The chunk width depends only on B (and the ISA), so the FMA chain of a score, hence the
+// result, is the same for every thread count and blocking.
+Impl pick_impl(int64_t B) {
+  static const Isa hw = detect_isa();
+  Isa isa = hw;
+  if (const char* env = std::getenv("PLUGLM_CPU_ISA")) {
+    const std::string s(env);
+    const Isa want = s == "scalar" ? Isa::Scalar : s == "avx2" ? Isa::Avx2 : Isa::Avx512;
+    if (static_cast<int>(want) < static_cast<int>(isa)) isa = want;
+  }
+#ifdef PLUGLM_X86
+  if (isa == Isa::Avx512) {
+    if (B == 1) return {&kernel_dot_avx512<1, 8>, 1, 8, &convert_avx512, true};
+    if (B == 2) return {&kernel_dot_avx512<2, 8>, 2, 8, &convert_avx512, true};
+    if (B <= 4) return {&kernel_dot_avx512<4, 4>, 4, 4, &convert_avx512, true};
+    if (B <= 16) return {&kernel_avx512<1, 24>, 16, 24, &convert_avx512};
+    return {&kernel_avx512<2, 12>, 32, 12, &convert_avx512};
+  }
+  if (isa == Isa::Avx2) {
+    if (B <= 8) return {&kernel_avx2<1, 12>, 8, 12, &convert_avx2};
+    return {&kernel_avx2<2, 6>, 16, 6, &convert_avx2};
+  }
+#endif
+  (void)B;
+  return {&kernel_scalar<8, 4>, 8, 4, &convert_scalar};
+}
+
+// ----------------------------------------------------------------------- top-k selection
+
+// (score desc, index asc): a is strictly better than b.
+inline bool better(float sa, int64_t ia, float sb, int64_t ib) {
+  return sa > sb || (sa == sb && ia < ib);
+}
+
+// Bounded min-heap of one query's k best (score, index) pairs; the root is the worst, so
+// its score is the threshold a new key must reach once the heap is full.
+struct HeapRef {
+  float* s;    // [k]
+  int64_t* i;  // [k]
+  int64_t* n;  // current size
+  int64_t k;
+
+  void sift_down(int64_t pos, int64_t size) {
+    const float sv = s[pos];
+    const int64_t iv = i[pos];
+    while (true) {
+      int64_t child = 2 * pos + 1;
+      if (child >= size) break;
+      // descend towards the worse child: the heap keeps the worst on top
+      if (child + 1 < size && better(s[child], i[child], s[child + 1], i[child + 1])) ++child;
+      if (!better(sv, iv, s[child], i[child])) break;
+      s[pos] = s[child];
+      i[pos] = i[child];
+      pos = child;
+    }
+    s[pos] = sv;
+    i[pos] = iv;
+  }
+
+  // Returns the new threshold (the root's score once full, -inf before).
+  float push(float sv, int64_t iv) {
+    int64_t size = *n;
+    if (size < k) {
+      int64_t pos = size;
+      while (pos > 0) {
+        const int64_t parent = (pos - 1) / 2;
+        if (!better(s[parent], i[parent], sv, iv)) break;
+        s[pos] = s[parent];
+        i[pos] = i[parent];
+        pos = parent;
+      }
+      s[pos] = sv;
+      i[pos] = iv;
+      *n = ++size;
+      return size == k ? s[0] : -std::numeric_limits<float>::infinity();
+    }
+    if (better(sv, iv, s[0], i[0])) {
+      s[0] = sv;
+      i[0] = iv;
+      sift_down(0, size);
+    }
+    return s[0];
+  }
+};
+
+// One thread's running top-k of every query.
+struct Partition {
+  std::vector<float> hs;    // [B, k]
+  std::vector<int64_t> hi;  // [B, k]
+  std::vector<int64_t> hn;  // [B]
+  std::vector<float> thr;   // [n_chunks * cw]; +inf in padded lanes so they never hit
+};
+
+void check_args(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
+                const c10::optional<at::Tensor>& key_scales, const c10::optional<at::Tensor>& valid) {
+  TORCH_CHECK(queries.device().is_cpu(), "_C_mips_topk (cpu): queries must be a CPU tensor, got ",
+              queries.device());
+  TORCH_CHECK(keys.device().is_cpu(), "_C_mips_topk (cpu): keys must be a CPU tensor, got ",
+              keys.device());
+  TORCH_CHECK(queries.dim() == 2, "_C_mips_topk: queries must be 2-D [B, d], got shape ",
+              queries.sizes());
+  TORCH_CHECK(keys.dim() == 2, "_C_mips_topk: keys must be 2-D [M, d], got shape ", keys.sizes());
+  const auto qt = queries.scalar_type();
+  const auto kt = keys.scalar_type();
+  const bool q_float = qt == at::kFloat || qt == at::kHalf || qt == at::kBFloat16;
+  TORCH_CHECK(q_float, "_C_mips_topk: queries must be float32, float16 or bfloat16, got ", qt);
+  TORCH_CHECK(kt == at::kFloat || kt == at::kHalf || kt == at::kBFloat16 || kt == at::kChar,
+              "_C_mips_topk: keys must be float32, float16, bfloat16 or int8, got ", kt);
+  if (kt != at::kChar)
+    TORCH_CHECK(qt == at::kFloat || qt == kt,
+                "_C_mips_topk: queries must be float32 or the keys' dtype ", kt, ", got ", qt);
+  const int64_t B = queries.size(0), d = queries.size(1), M = keys.size(0);
+  TORCH_CHECK(B >= 1 && d >= 1, "_C_mips_topk: queries must be non-empty, got shape ",
+              queries.sizes());
+  TORCH_CHECK(M >= 1, "_C_mips_topk: keys must have at least one row");
+  TORCH_CHECK(keys.size(1) == d, "_C_mips_topk: keys must have ", d,
+              " columns to match queries [B, ", d, "], got shape ", keys.sizes());
+  TORCH_CHECK(queries.is_contiguous(), "_C_mips_topk: queries must be contiguous");
+  TORCH_CHECK(keys.is_contiguous(), "_C_mips_topk: keys must be contiguous row-major [M, d]");
+  TORCH_CHECK(k >= 1 && k <= kMaxK, "_C_mips_topk: k must be in [1, ", kMaxK, "], got ", k);
+  TORCH_CHECK(k <= M, "_C_mips_topk: k=", k, " is larger than the number of keys M=", M);
+  if (kt == at::kChar) {
+    TORCH_CHECK(key_scales.has_value(),
+                "_C_mips_topk: key_scales [M] float32 is required with int8 keys");
+  } else {
+    TORCH_CHECK(!key_scales.has_value(), "_C_mips_topk: key_scales is only for int8 keys; keys are ",
+                kt);
+  }
+  if (key_scales.has_value()) {
+    const at::Tensor& s = *key_scales;
+    TORCH_CHECK(s.device().is_cpu(), "_C_mips_topk (cpu): key_scales must be a CPU tensor, got ",
+                s.device());
+    TORCH_CHECK(s.scalar_type() == at::kFloat, "_C_mips_topk: key_scales must be float32, got ",
+                s.scalar_type());
+    TORCH_CHECK(s.dim() == 1 && s.size(0) == M, "_C_mips_topk: key_scales must have shape [",
+                M, "] (one scale per key row), got ", s.sizes());
+    TORCH_CHECK(s.is_contiguous(), "_C_mips_topk: key_scales must be contiguous");
+  }
+  if (valid.has_value()) {
+    const at::Tensor& v = *valid;
+    TORCH_CHECK(v.device().is_cpu(), "_C_mips_topk (cpu): valid must be a CPU tensor, got ",
+                v.device());
+    TORCH_CHECK(v.scalar_type() == at::kBool, "_C_mips_topk: valid must be bool, got ",
+                v.scalar_type());
+    TORCH_CHECK(v.dim() == 1 && v.size(0) == M, "_C_mips_topk: valid must have shape [", M,
+                "] (one flag per key row), got ", v.sizes());
+    TORCH_CHECK(v.is_contiguous(), "_C_mips_topk: valid must be contiguous");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> mips_topk_cpu(const at::Tensor& queries, const at::Tensor& keys,
+                                                 int64_t k,
+                                                 const c10::optional<at::Tensor>& key_scales,
+                                                 const c10::optional<at::Tensor>& valid) {
+  check_args(queries, keys, k, key_scales, valid);
+  const int64_t B = queries.size(0), d = queries.size(1), M = keys.size(0);
+  const at::Tensor q32 = queries.to(at::kFloat).contiguous();  // [B, d]
+  TORCH_CHECK(at::isfinite(q32).all().item<bool>(),
+              "_C_mips_topk: queries must be finite (found NaN or Inf)");
+
+  const KeyType kt = keys.scalar_type() == at::kFloat  ? KeyType::F32
+                     : keys.scalar_type() == at::kHalf ? KeyType::F16
+                     : keys.scalar_type() == at::kBFloat16 ? KeyType::BF16
+                                                           : KeyType::I8;
+  const int64_t esz = keys.element_size();
+  const Impl impl = pick_impl(B);
+  const int64_t CW = impl.cw, NR = impl.nr;
+  const int64_t n_chunks = (B + CW - 1) / CW;
+
+  // Queries per chunk, zero-padded to CW: transposed qt [n_chunks][d][CW] for the
+  // broadcast kernels, row-major [n_chunks][CW][d] for the dot-product ones.
+  std::vector<float> qt(static_cast<size_t>(n_chunks * d * CW), 0.f);
+  {
+    const float* qp = q32.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < d; ++c) {
+        const int64_t at = impl.q_rows ? (b % CW) * d + c : c * CW + b % CW;
+        qt[(b / CW) * d * CW + at] = qp[b * d + c];
+      }
+  }
+
+  // Keys per block: a multiple of NR near kBlockBytes of float32 rows.
+  int64_t kb = std::max<int64_t>(1, kBlockBytes / (d * 4) / NR) * NR;
+  const int64_t n_threads = std::max<int>(1, at::get_num_threads());
+  // At least a few blocks per partition, so tiny M does not pay for idle heaps.
+  const int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>(n_threads, M / (4 * kb)));
+  const int64_t part_len = (M + n_parts - 1) / n_parts;
+  std::vector<Partition> parts(static_cast<size_t>(n_parts));
+
+  const char* kbase = static_cast<const char*>(keys.data_ptr());
+  const float* scales = key_scales.has_value() ? key_scales->data_ptr<float>() : nullptr;
+  const bool* vmask = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
+  const float inf = std::numeric_limits<float>::infinity();
+
+  at::parallel_for(0, n_parts, 1, [&](int64_t p_begin, int64_t p_end) {
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      Partition& P = parts[p];
+      P.hs.assign(static_cast<size_t>(B * k), 0.f);
+      P.hi.assign(static_cast<size_t>(B * k), 0);
+      P.hn.assign(static_cast<size_t>(B), 0);
+      P.thr.assign(static_cast<size_t>(n_chunks * CW), inf);
+      for (int64_t b = 0; b < B; ++b) P.thr[b] = -inf;
+      // Float32 rows of the current block ([kb][d]). f32 keys are read in place (measured:
+      // copying blocks into this buffer first costs ~20% more CPU time), except a
+      // partition's last block when it needs zero rows up to a whole group.
+      std::vector<float> buf(static_cast<size_t>(kt == KeyType::F32 ? 0 : kb * d));
+      std::vector<float> tile(static_cast<size_t>(NR * CW));
+
+      const int64_t m_begin = std::min(M, p * part_len);
+      const int64_t m_end = std::min(M, m_begin + part_len);
+      for (int64_t j0 = m_begin; j0 < m_end; j0 += kb) {
+        const int64_t nb = std::min(kb, m_end - j0);
+        const int64_t nb_pad = (nb + NR - 1) / NR * NR;
+        const float* rows;  // [nb_pad][d]
+        if (kt == KeyType::F32 && nb == nb_pad) {
+          rows = reinterpret_cast<const float*>(kbase) + j0 * d;
+        } else if (kt == KeyType::F32) {
+          // a partition's last block, when not a whole number of groups: copy it (one
+          // block, <= kBlockBytes) with zero rows up to the group size
+          buf.resize(static_cast<size_t>(nb_pad * d));
+          std::memcpy(buf.data(), kbase + j0 * d * esz, static_cast<size_t>(nb * d) * esz);
+          std::fill(buf.begin() + nb * d, buf.begin() + nb_pad * d, 0.f);
+          rows = buf.data();
+        } else {
+          if (static_cast<int64_t>(buf.size()) < nb_pad * d) buf.resize(nb_pad * d);
+          for (int64_t r = 0; r < nb; ++r) {
+            const int64_t j = j0 + r;
+            impl.convert(kbase + j * d * esz, kt, scales ? scales[j] : 1.f, buf.data() + r * d, d);
+          }
+          std::fill(buf.begin() + nb * d, buf.begin() + nb_pad * d, 0.f);
+          rows = buf.data();
+        }
+        for (int64_t ch = 0; ch < n_chunks; ++ch) {
+          const float* qc = qt.data() + ch * d * CW;
+          float* thr = P.thr.data() + ch * CW;
+          const int64_t b0 = ch * CW;
+          const int64_t nq = std::min(CW, B - b0);
+          for (int64_t g = 0; g < nb_pad; g += NR) {
+            if (!impl.kernel(qc, rows + g * d, d, d, thr, tile.data())) continue;
+            const int64_t nr_real = std::min(NR, nb - g);
+            for (int64_t r = 0; r < nr_real; ++r) {
+              const int64_t j = j0 + g + r;
+              if (vmask && !vmask[j]) continue;
+              const float* ts = tile.data() + r * CW;
+              for (int64_t l = 0; l < nq; ++l) {
+                if (!(ts[l] >= thr[l])) continue;
+                const int64_t b = b0 + l;
+                HeapRef h{P.hs.data() + b * k, P.hi.data() + b * k, P.hn.data() + b, k};
+                thr[l] = h.push(ts[l], j);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+
+  at::Tensor out_s = at::empty({B, k}, queries.options().dtype(at::kFloat));
+  at::Tensor out_i = at::empty({B, k}, queries.options().dtype(at::kLong));
+  float* os = out_s.data_ptr<float>();
+  int64_t* oi = out_i.data_ptr<int64_t>();
+  at::parallel_for(0, B, 16, [&](int64_t b_begin, int64_t b_end) {
+    std::vector<std::pair<float, int64_t>> cand;
+    cand.reserve(static_cast<size_t>(n_parts * k));
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      cand.clear();
+      for (const Partition& P : parts)
+        for (int64_t t = 0; t < P.hn[b]; ++t) cand.emplace_back(P.hs[b * k + t], P.hi[b * k + t]);
+      const int64_t take = std::min<int64_t>(k, static_cast<int64_t>(cand.size()));
+      std::partial_sort(cand.begin(), cand.begin() + take, cand.end(),
+                        [](const auto& a, const auto& c) { return better(a.first, a.second, c.first, c.second); });
+      for (int64_t t = 0; t < k; ++t) {
+        os[b * k + t] = t < take ? cand[t].first : -inf;
+        oi[b * k + t] = t < take ? cand[t].second : -1;
+      }
+    }
+  });
+  return {out_s, out_i};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pluglm, CPU, m) {
+  m.impl("_C_mips_topk", &mips_topk_cpu);
+}
