@@ -31,16 +31,19 @@ def mips_topk(queries, keys, k, key_scales=None, valid=None):
     ordered by lower index first (a stable sort over blocks taken in index order). With
     fewer than k valid rows the tail is score -inf, index -1.
     """
-    B = queries.shape[0]
+    B, d = queries.shape
     M = keys.shape[0]
     q = queries.to(torch.float64)
     best_s = q.new_empty(B, 0)
     best_i = torch.empty(B, 0, dtype=torch.int64, device=queries.device)
-    for start in range(0, M, _MIPS_BLOCK):
-        stop = min(M, start + _MIPS_BLOCK)
+    # Each score is an elementwise product summed over d (not a BLAS matmul, whose blocking can
+    # round two identical rows differently), so exact copies of a key tie exactly.
+    block = max(1, min(_MIPS_BLOCK, (1 << 24) // max(1, B * d)))
+    for start in range(0, M, block):
+        stop = min(M, start + block)
         kb = dequantize_keys(keys[start:stop], None if key_scales is None else key_scales[start:stop],
                              torch.float64)
-        s = q @ kb.T  # [B, blk]
+        s = (q[:, None, :] * kb[None, :, :]).sum(-1)  # [B, blk]
         if valid is not None:
             s = s.masked_fill(~valid[start:stop].to(torch.bool)[None, :], float("-inf"))
         idx = torch.arange(start, stop, device=queries.device).expand(B, -1)

@@ -138,10 +138,11 @@ def test_backend_report_explains_every_missing_backend():
 def test_reference_mips_topk_matches_bruteforce_and_breaks_ties_low():
     q = torch.randn(4, 6, dtype=torch.float64)
     keys = torch.randn(300, 6, dtype=torch.float64)
-    keys[100] = keys[7]  # an exact tie: index 7 must come first
-    q[0] = keys[7] * 10
+    keys[7] = keys[7] * 100  # far the largest inner product with q[0] ...
+    keys[100] = keys[7]  # ... and an exact tie: index 7 must come first
+    q[0] = keys[7]
     s, i = pk.reference.mips_topk(q, keys, 10)
-    full = q @ keys.T
+    full = (q[:, None, :] * keys[None, :, :]).sum(-1)
     want = torch.sort(full, dim=1, descending=True, stable=True)
     assert torch.equal(i, want.indices[:, :10])
     torch.testing.assert_close(s, want.values[:, :10].float())
