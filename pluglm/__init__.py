@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .auto import register as _register_auto
 from .configuration_pluglm import PlugLMConfig
+from .integrations import PlugLMEncoder, apply_pluglm, set_memory
 from .memory import KnowledgeMemory, MemoryFormatError
 from .modeling_pluglm import (
     PlugLMForMaskedLM,
@@ -23,6 +24,9 @@ _register_auto()
 
 __version__ = "0.1.0"
 __all__ = [
+    "PlugLMEncoder",
+    "apply_pluglm",
+    "set_memory",
     "KnowledgeMemory",
     "MemoryFormatError",
     "PlugLMConfig",
