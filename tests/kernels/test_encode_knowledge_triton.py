@@ -1,0 +1,140 @@
+"""Triton attentive_pool / encode_knowledge under TRITON_INTERPRET=1 (CPU tensors, tiny
+shapes), and on CUDA tensors where a GPU exists.
+
+Outputs and every gradient against the float64 reference; empty rows, repeated ids, token
+types given or absent, a position offset, fp16 stability.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before torch / triton are imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+import pluglm_kernels as pk  # noqa: E402
+
+from conftest import RTOL, rel_err  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:
+    DEVICES = ["cpu"]
+elif torch.cuda.is_available():
+    DEVICES = ["cuda"]
+else:
+    DEVICES = []
+if not DEVICES:
+    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1 (triton imported before it was set)",
+                allow_module_level=True)
+
+from pluglm_kernels.triton import encode_knowledge as TE  # noqa: E402
+
+DEV = DEVICES[0]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+CANCELLING = {"b1", "w2"}  # see test_encode_knowledge.py: sums whose terms cancel
+
+
+def _grads(fn, inputs, go):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    return out, torch.autograd.grad(out, inputs, go.to(out.dtype))
+
+
+def _check(out, grads, ref_out, ref_grads, dtype, names):
+    assert torch.isfinite(out).all()
+    assert rel_err(out.cpu(), ref_out.cpu()) < RTOL[dtype]
+    for name, g, rg in zip(names, grads, ref_grads):
+        assert torch.isfinite(g).all(), name
+        if rg.double().norm() < 1e-9:
+            assert g.double().abs().max() < 1e-6, name
+            continue
+        tol = 6e-2 if dtype == torch.bfloat16 and name in CANCELLING else GRAD_TOL[dtype]
+        assert rel_err(g.cpu(), rg.cpu()) < tol, (name, rel_err(g.cpu(), rg.cpu()))
+
+
+def _mask(B, T):
+    mask = torch.ones(B, T, dtype=torch.int64, device=DEV)
+    mask[0, T // 2 + 1:] = 0
+    if B > 1:
+        mask[1] = 0  # empty row
+    return mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+def test_attentive_pool_triton_matches_reference(fresh_seed, dtype):
+    B, T, D, Hp = 3, 7, 24, 5
+    x = torch.randn(B, T, D, device=DEV).to(dtype)
+    params = [(torch.randn(Hp, D) * D ** -0.5), torch.randn(Hp) * 0.1, torch.randn(Hp),
+              torch.randn(1)]
+    params = [p.to(DEV, dtype) for p in params]
+    mask = _mask(B, T)
+    go = torch.randn(B, D, device=DEV)
+    out, grads = _grads(lambda x, *p: pk.attentive_pool(x, mask, *p, backend="triton"),
+                        (x, *params), go)
+    ref_out, ref_grads = _grads(lambda x, *p: pk.attentive_pool(x, mask, *p, backend="reference"),
+                                [t.double() for t in (x, *params)], go.double())
+    _check(out, grads, ref_out, ref_grads, dtype, ("x", "w1", "b1", "w2", "b2"))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_attentive_pool_triton_fp16_large_scores(fresh_seed):
+    B, T, D, Hp = 2, 5, 8, 3
+    x = torch.randn(B, T, D, device=DEV).half()
+    w1, b1 = torch.randn(Hp, D, device=DEV).half(), torch.zeros(Hp, device=DEV).half()
+    w2 = (torch.randn(Hp, device=DEV) * 3000).half()
+    b2 = torch.full((1,), 3e4, device=DEV).half()
+    mask = torch.ones(B, T, device=DEV)
+    out = pk.attentive_pool(x, mask, w1, b1, w2, b2, backend="triton")
+    ref = pk.attentive_pool(x.double(), mask, w1.double(), b1.double(), w2.double(), b2.double(),
+                            backend="reference")
+    assert torch.isfinite(out).all() and rel_err(out.cpu(), ref.cpu()) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+@pytest.mark.parametrize("with_tt,offset", [(False, 0), (True, 2)], ids=["plain", "tt-off2"])
+def test_encode_knowledge_triton_matches_reference(fresh_seed, dtype, with_tt, offset):
+    E, T, D, Hp, V, Tt = 3, 6, 20, 4, 7, 2
+    P = T + offset + 1
+    ids = torch.randint(0, V, (E, T), device=DEV)
+    ids[0, :3] = 2  # repeated ids
+    ids[2, 0] = 2
+    tt = torch.randint(0, Tt, (E, T), device=DEV).to(torch.int16) if with_tt else None
+    mask = _mask(E, T)
+    params = [torch.randn(V, D), torch.randn(P, D), torch.randn(Tt, D), 1 + 0.1 * torch.randn(D),
+              0.1 * torch.randn(D), torch.randn(Hp, D) * D ** -0.5, torch.randn(Hp) * 0.1,
+              torch.randn(Hp), torch.randn(1)]
+    params = [p.to(DEV, dtype) for p in params]
+    go = torch.randn(E, D, device=DEV)
+
+    def run(backend):
+        return lambda *p: pk.encode_knowledge(ids, mask, *p, token_type_ids=tt,
+                                              position_offset=offset, backend=backend)
+
+    out, grads = _grads(run("triton"), params, go)
+    ref_out, ref_grads = _grads(run("reference"), [p.double() for p in params], go.double())
+    assert out.dtype == dtype
+    _check(out, grads, ref_out, ref_grads, dtype,
+           ("word", "pos", "type", "ln_w", "ln_b", "w1", "b1", "w2", "b2"))
+    for g, p in zip(grads, params):
+        assert g.dtype == p.dtype and g.shape == p.shape
+
+
+def test_triton_embed_layernorm_forward_statistics(fresh_seed):
+    E, T, D, V = 2, 5, 12, 6
+    ids = torch.randint(0, V, (E, T), device=DEV)
+    word, pos, typ = (torch.randn(V, D, device=DEV), torch.randn(T + 1, D, device=DEV),
+                      torch.randn(1, D, device=DEV))
+    lw, lb = torch.randn(D, device=DEV), torch.randn(D, device=DEV)
+    h, mean, rstd = TE.embed_layernorm_fwd(ids, None, word, pos, typ, lw, lb, 1e-5, 1)
+    x = (word[ids] + pos[1:T + 1] + typ[0]).double()
+    assert rel_err(mean.cpu(), x.mean(-1).cpu()) < 1e-6
+    assert rel_err(rstd.cpu(), (x.var(-1, unbiased=False) + 1e-5).rsqrt().cpu()) < 1e-5
+    want = torch.nn.functional.layer_norm(x, (D,), lw.double(), lb.double(), 1e-5)
+    assert rel_err(h.cpu(), want.cpu()) < 1e-6
