@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+import torch  # does not import triton
+
+# Triton decides at decoration time whether a kernel is interpreted, so the switch must be set
+# before any test module (or pluglm_kernels) imports a Triton kernel: with no GPU, every Triton
+# kernel runs under the interpreter on CPU tensors; with a GPU, Triton compiles for it and the
+# CPU-interpreter tests skip.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")

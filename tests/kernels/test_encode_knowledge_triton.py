@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before torch / triton are imported
+# TRITON_INTERPRET is set by tests/conftest.py where no GPU exists
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
