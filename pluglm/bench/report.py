@@ -76,48 +76,56 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def plot(result: dict, out_dir: Path) -> list[Path]:
-    """Search latency and peak memory against M, log-log, one line per implementation."""
+    """One PNG per benchmark that varies M: latency and peak memory against M, log-log, one
+    line per implementation (for the most common setting of the other shape parameters)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["bench"] == "search"]
-    if not rows:
-        return []
-    written = []
-    groups = sorted({(r["shape"]["d"], r["shape"]["B"], r["shape"]["k"], r["shape"]["dtype"]) for r in rows})
-    d, B, k, dt = groups[0] if len(groups) == 1 else _pick_group(groups)
-    sel = [r for r in rows if (r["shape"]["d"], r["shape"]["B"], r["shape"]["k"], r["shape"]["dtype"]) == (d, B, k, dt)]
     machine = result["machine"].get("gpu") or result["machine"]["cpu"]
-    for metric, label, fname in (("median_ms", "latency (ms, median)", "search_latency.png"),
-                                 ("peak_mb", "peak extra memory (MB)", "search_memory.png")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for impl in sorted({r["impl"] for r in sel}):
-            pts = sorted((r["shape"]["M"], r[metric]) for r in sel if r["impl"] == impl and r[metric])
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("memory size M (entries)")
-        ax.set_ylabel(label)
-        ax.set_title(f"top-{k} search, d={d}, B={B}, {dt}\n{machine}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+    written = []
+    for bench in dict.fromkeys(r["bench"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["bench"] == bench and "M" in r["shape"]]
+        if len({r["shape"]["M"] for r in rows}) < 2:
+            continue
+        rest = lambda r: tuple(sorted((k, v) for k, v in r["shape"].items() if k != "M"))  # noqa: E731
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault(rest(r), []).append(r)
+        key = _pick_group(groups)
+        sel = groups[key]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, metric, label in ((axes[0], "median_ms", "latency, median (ms)"),
+                                  (axes[1], "peak_mb", "peak extra memory (MB)")):
+            for impl in dict.fromkeys(r["impl"] for r in sel):
+                pts = sorted((r["shape"]["M"], r[metric]) for r in sel
+                             if r["impl"] == impl and r[metric] is not None and r[metric] > 0)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("memory size M (entries)")
+            ax.set_ylabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{bench} — {', '.join(f'{k}={v}' for k, v in key)}\n{machine}", fontsize=9)
         fig.tight_layout()
-        path = Path(out_dir) / fname
+        path = Path(out_dir) / (bench.replace(" ", "_").replace("(", "").replace(")", "")
+                                .replace("+", "_").replace("-", "_") + ".png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
 
 
-def _pick_group(groups):
-    # the most populated configuration that the issue's targets use (d=128, B=32, k=5) if present
+def _pick_group(groups: dict):
+    # the configuration of the issue's headline targets (d=128, B=32, k=5) if present, else the
+    # one with the most points
     for g in groups:
-        if g[0] == 128 and g[1] == 32 and g[2] == 5:
+        if dict(g).get("d") == 128 and dict(g).get("B") == 32 and dict(g).get("k") == 5:
             return g
-    return groups[0]
+    return max(groups, key=lambda g: len(groups[g]))
 
 
 def write_all(result: dict, out_dir: Path) -> list[Path]:
