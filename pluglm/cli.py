@@ -1,9 +1,23 @@
-"""The ``pluglm`` command: ``info`` (backends, devices, versions) and ``bench`` (the sweep)."""
+"""The ``pluglm`` command: ``info`` (backends, devices, versions), ``bench`` (the sweep), and
+the memory commands ``build-memory``, ``query``, ``explain``, ``add``, ``remove``, ``demo``
+(``pluglm.cli_memory``, ``pluglm.demo``).
+
+Expected errors (missing file, bad format, incompatible memory, bad arguments) print one line,
+``pluglm <command>: error: ...``, and exit non-zero; set PLUGLM_DEBUG=1 for the traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (not argparse's usage block + error), like the runtime ones."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def cmd_info(args) -> int:
@@ -71,7 +85,10 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pluglm", description=__doc__)
+    from .cli_memory import add_parsers
+
+    p = _Parser(prog="pluglm", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("info", help="which backends are built and available here, and why not")
     s.set_defaults(func=cmd_info)
@@ -81,15 +98,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="bench-out", help="folder for results.json/.md and plots")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_bench)
+    add_parsers(sub)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        # ids typed after an option (remove DIR --source X 3 4) are still ids
+        field = getattr(args, "extra_ints", None)
+        if field and all(x.lstrip("-").isdigit() for x in extra):
+            setattr(args, field, getattr(args, field) + [int(x) for x in extra])
+        else:
+            print(f"pluglm {args.command}: error: unrecognized arguments: {' '.join(extra)} "
+                  f"(see 'pluglm {args.command} --help')", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        from .cli_memory import one_line
+
+        msg = one_line(e)
+        if msg is None or os.environ.get("PLUGLM_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"pluglm {args.command}: error: {msg}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
