@@ -375,18 +375,18 @@ def test_demo_with_minilm(tmp_path):
     assert "all-MiniLM-L6-v2" in o and "note:" not in o
 
 
-# ------------------------------------------------------------------ docs/cli.md
+# ------------------------------------------------------------------ README.md
 
 
 @needs_minilm
 def test_python_api_in_ten_lines(tmp_path, monkeypatch):
-    """The 'Python API in ten lines' of docs/cli.md, run as written."""
+    """The 'Python API in ten lines' of README.md, run as written."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    doc = (REPO / "docs" / "cli.md").read_text()
+    doc = (REPO / "README.md").read_text()
     code = doc.split("<!-- api-ten-lines -->")[1].split("```python")[1].split("```")[0]
     ns: dict = {}
-    exec(compile(code, "docs/cli.md", "exec"), ns)
+    exec(compile(code, "README.md", "exec"), ns)
     from pluglm import KnowledgeMemory
 
     mem = KnowledgeMemory.load(tmp_path / "my-memory")
