@@ -27,6 +27,15 @@ updated and added entries searchable again, and ``validate()`` lists the exclude
 Ids are row numbers. ``add`` appends, ``update`` and ``remove`` keep every id; only
 ``compact`` renumbers (it returns the old -> new mapping).
 
+Search backends: exact ``mips_topk`` (default), or ``backend="faiss"`` with a cached
+``pluglm.index`` faiss index per (kind, build options), synced lazily with the snapshot at
+the first search after a mutation: rows whose key was written since (tracked per row in
+``key_rev``, the version of the commit that wrote it — no old key table is kept), rows
+that became or stopped being searchable; a compaction rebuilds. ``set_search_backend``
+makes a backend the default of plain ``search(q, k)`` calls (what a PlugLM model makes).
+``shard(rank, world_size)`` gives a :class:`pluglm.sharded_memory.ShardedKnowledgeMemory`
+for exact search across ``torch.distributed`` ranks.
+
 Thread-safety. All state is one immutable :class:`MemorySnapshot`. Every mutation (add,
 update, remove, compact, encode's commit, set_keys, validate's repair) builds new tensors —
 never writing into the previous snapshot's — and swaps the single ``_snap`` reference under
@@ -292,10 +301,11 @@ class MemorySnapshot:
     __slots__ = ("token_ids", "lengths", "keys", "values", "valid", "stale", "finite",
                  "source_index", "sources", "texts", "rev", "version", "vocab_size",
                  "tokenizer_name", "pad_token_id", "max_length", "searchable", "num_searchable",
-                 "num_valid", "__weakref__")
+                 "num_valid", "key_rev", "__weakref__")
 
     def __init__(self, *, token_ids, lengths, keys, values, valid, stale, finite, source_index,
-                 sources, texts, rev, version, vocab_size, tokenizer_name, pad_token_id, max_length):
+                 sources, texts, rev, version, vocab_size, tokenizer_name, pad_token_id, max_length,
+                 key_rev=None):
         M = token_ids.shape[0]
         self.token_ids = token_ids            # [M, L] int16/int32
         self.lengths = lengths                # [M] int32
@@ -308,6 +318,13 @@ class MemorySnapshot:
         self.sources = tuple(sources)
         self.texts = tuple(texts) if not isinstance(texts, tuple) else texts
         self.rev = rev                        # [M] int64, CPU: content revision per row
+        # [M] int64, CPU: the version whose commit last wrote each row's key (0 = before any
+        # recorded write). Search indexes catch up with `key_rev > version they reflect`.
+        if key_rev is None:
+            key_rev = torch.zeros(M, dtype=torch.int64)
+        elif tuple(key_rev.shape) != (M,):
+            raise ValueError(f"key_rev must have shape ({M},), got {tuple(key_rev.shape)}")
+        self.key_rev = key_rev
         self.version = int(version)
         self.vocab_size = int(vocab_size)
         self.tokenizer_name = tokenizer_name
@@ -324,9 +341,13 @@ class MemorySnapshot:
         fields = {n: getattr(self, n) for n in (
             "token_ids", "lengths", "keys", "values", "valid", "stale", "finite", "source_index",
             "sources", "texts", "rev", "version", "vocab_size", "tokenizer_name", "pad_token_id",
-            "max_length")}
+            "max_length", "key_rev")}
         fields["version"] = self.version + 1
         fields.update(changes)
+        M = fields["token_ids"].shape[0]
+        if "key_rev" not in changes and M != len(self):
+            # rows were sliced or renumbered by the caller: every key counts as rewritten
+            fields["key_rev"] = torch.full((M,), fields["version"], dtype=torch.int64)
         return MemorySnapshot(**fields)
 
     # ------------------------------------------------------------------ properties
@@ -356,6 +377,13 @@ class MemorySnapshot:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [B, key_dim] -> (scores [B, k] float32 descending, ids [B, k] int64), on
         the memory's device; only searchable rows (valid, encoded, not stale, finite)."""
+        self.check_search(queries, k)
+        mask = None if self.num_searchable == len(self) else self.searchable
+        q = queries.detach().to(device=self.keys.device, dtype=torch.float32)
+        return pluglm_kernels.mips_topk(q, self.keys, k, valid=mask, backend=backend)
+
+    def check_search(self, queries, k) -> None:
+        """The argument checks of ``search`` (shared by every search backend)."""
         if self.keys is None:
             raise RuntimeError("memory is not encoded yet: call encode(encoder) before search")
         if not isinstance(queries, torch.Tensor):
@@ -378,9 +406,6 @@ class MemorySnapshot:
             raise ValueError(f"k={k} is larger than the number of searchable entries "
                              f"({self.num_searchable} of {M}: {n_removed} removed, {n_stale} stale "
                              f"awaiting encode(only_stale=True), {n_bad} with non-finite keys/values)")
-        mask = None if self.num_searchable == len(self) else self.searchable
-        q = queries.detach().to(device=self.keys.device, dtype=torch.float32)
-        return pluglm_kernels.mips_topk(q, self.keys, k, valid=mask, backend=backend)
 
     # ------------------------------------------------------------------------ reads
 
@@ -485,6 +510,48 @@ def _finite_rows(t: torch.Tensor | None, M: int, device) -> torch.Tensor:
     return torch.isfinite(t).all(dim=1) if t.shape[1] else torch.ones(M, dtype=torch.bool, device=device)
 
 
+_KIND_KNOBS = {"flat": (), "ivf": ("nprobe",), "ivfpq": ("nprobe",), "hnsw": ("efSearch",)}
+
+
+class _IndexEntry:
+    """One cached faiss index and the memory version it reflects."""
+
+    __slots__ = ("lock", "index", "version", "knobs")
+
+    def __init__(self):
+        self.lock = threading.Lock()  # held across sync + search: faiss indexes are mutable
+        self.index = None
+        self.version = -1
+        self.knobs: dict = {}  # the build-time search knobs, restored when a call names none
+
+
+def _check_faiss_params(kind: str, params: dict) -> None:
+    import inspect
+
+    from .index import FaissIndex, SEARCH_PARAMS
+
+    allowed = set(inspect.signature(FaissIndex.__init__).parameters) - {
+        "self", "kind", "keys", "valid", "metric"}
+    for name in params:
+        if name not in allowed:
+            raise TypeError(f"unknown faiss index option {name!r} (options: {sorted(allowed)})")
+        if name in SEARCH_PARAMS and name not in _KIND_KNOBS[kind]:
+            raise TypeError(f"{name} applies to index kinds "
+                            f"{[k for k, v in _KIND_KNOBS.items() if name in v]}, not {kind!r}")
+
+
+def _freeze(params: dict) -> tuple:
+    return tuple(sorted((n, repr(v)) for n, v in params.items()))
+
+
+def _finite_keys(snap: MemorySnapshot) -> torch.Tensor:
+    """The key table with non-finite rows (never searchable) zeroed: indexes refuse NaN/Inf.
+    Copies only when such a row exists."""
+    if snap.keys is None or bool(snap.finite.all()):
+        return snap.keys
+    return snap.keys.masked_fill(~snap.finite[:, None], 0)
+
+
 class KnowledgeMemory:
     """Editable knowledge store: texts -> token ids -> keys/values, searched with exact MIPS.
 
@@ -497,6 +564,9 @@ class KnowledgeMemory:
         self._snap = snapshot
         self._next_rev = int(snapshot.rev.max()) + 1 if len(snapshot) else 0
         self._tokenizer = tokenizer
+        self._search_config: tuple[str, str | None, dict] = ("auto", None, {})
+        self._indexes: dict[tuple, _IndexEntry] = {}  # (kind, build params) -> cached index
+        self._index_lock = threading.Lock()  # guards the dict only; each entry has its own
 
     # ---------------------------------------------------------------- construction
 
@@ -740,16 +810,128 @@ class KnowledgeMemory:
 
     # ------------------------------------------------------------------------ reads
 
-    def search(self, queries: torch.Tensor, k: int, backend: str = "auto"
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries [B, key_dim] -> (scores [B, k] float32 descending, ids [B, k] int64).
+    def search(self, queries: torch.Tensor, k: int, backend: str | None = None, *,
+               index: str | None = None, **params) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [B, key_dim] -> (scores [B, k] float32 descending, ids [B, k] int64), on
+        the memory's device; only searchable rows (never removed, stale or non-finite ones).
 
-        Exact MIPS with ``pluglm_kernels.mips_topk`` over searchable rows only (never
-        removed, stale or non-finite ones). Queries are compared in float32 on the memory's
-        device. Raises RuntimeError if not encoded; ValueError on a key_dim mismatch or k
-        larger than the number of searchable rows.
+        backend: None = this memory's default (``set_search_backend``; initially exact
+        "auto"); a kernel backend ("auto", "cpu", "cuda", "triton", "reference") = exact MIPS
+        with ``pluglm_kernels.mips_topk``, queries compared in float32; "faiss" = a cached
+        faiss index of kind ``index`` ("flat", "ivf", "hnsw", "ivfpq"; default "flat") built
+        with ``params`` (see ``pluglm.index.build_index``; ``nprobe``/``efSearch`` are
+        per-search knobs that never rebuild). With backend=None, ``index``/``params`` given
+        here override the default's.
+
+        The faiss index is kept in step lazily: the first search after a mutation syncs it
+        with the current snapshot (rows whose key was written since, rows that became or
+        stopped being searchable; ``pluglm.index`` decides in-place update vs rebuild per
+        kind); a ``compact`` (renumbering) or a change of key width rebuilds it. The result
+        is exactly that index's answer over one snapshot: the one current when the search
+        took the index's lock. A query for which the approximate index finds fewer than k
+        entries (e.g. IVF lists probed hold fewer) is answered by exact search instead.
+
+        Raises RuntimeError if not encoded; ValueError on a key_dim mismatch or k larger
+        than the number of searchable rows; ``pluglm.index.FaissNotInstalledError`` (an
+        ImportError) for backend="faiss" without faiss.
         """
-        return self._snap.search(queries, k, backend=backend)
+        if backend is None:
+            backend, kind, defaults = self._search_config
+            if index is not None or params:
+                if backend != "faiss" and index is not None:
+                    backend = "faiss"
+                    defaults = {}
+                if index is not None and index != kind:
+                    defaults = {}  # the default's options belong to another index kind
+                kind = index if index is not None else kind
+                params = {**defaults, **params}
+            else:
+                params = dict(defaults)
+        else:
+            kind = index
+        if backend != "faiss":
+            if kind is not None or params:
+                raise TypeError(f"index= and index options apply to backend='faiss', not "
+                                f"backend={backend!r} (got index={kind!r}, {sorted(params)})")
+            return self._snap.search(queries, k, backend=backend)
+        return self._faiss_search(queries, k, kind or "flat", params)
+
+    def set_search_backend(self, backend: str = "auto", index: str | None = None,
+                           **params) -> "KnowledgeMemory":
+        """Set what ``search(q, k)`` (with no backend) uses — so a model that calls
+        ``memory.search(q, k)`` searches with it. ``set_search_backend("faiss", index="ivf",
+        nprobe=16)``: approximate search with a cached IVF index; ``set_search_backend()``:
+        back to exact search. Options are checked now (unknown names raise TypeError, a
+        missing faiss raises FaissNotInstalledError); the index is built at the first
+        search. Returns self."""
+        if backend == "faiss":
+            from .index import FAISS_KINDS, import_faiss
+
+            kind = "flat" if index is None else index
+            if kind not in FAISS_KINDS:
+                raise ValueError(f"index must be one of {FAISS_KINDS} for backend='faiss', "
+                                 f"got {kind!r}")
+            import_faiss()
+            _check_faiss_params(kind, params)
+            self._search_config = ("faiss", kind, dict(params))
+            return self
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+        if index is not None or params:
+            raise TypeError(f"index= and index options apply to backend='faiss', not {backend!r}")
+        self._search_config = (backend, None, {})
+        return self
+
+    @property
+    def search_backend(self) -> dict:
+        """What ``search(q, k)`` uses: {"backend", "index", "params"}."""
+        backend, kind, params = self._search_config
+        return {"backend": backend, "index": kind, "params": dict(params)}
+
+    def clear_search_indexes(self) -> None:
+        """Free every cached faiss index (the next faiss search builds its own again)."""
+        with self._index_lock:
+            self._indexes.clear()
+
+    def _faiss_search(self, queries, k, kind: str, params: dict):
+        from .index import FAISS_KINDS, SEARCH_PARAMS, build_index
+
+        if kind not in FAISS_KINDS:
+            raise ValueError(f"index must be one of {FAISS_KINDS} for backend='faiss', got {kind!r}")
+        params = dict(params)
+        knobs = {n: params.pop(n) for n in SEARCH_PARAMS if n in params}
+        _check_faiss_params(kind, {**params, **knobs})
+        key = (kind, _freeze(params))
+        with self._index_lock:
+            entry = self._indexes.get(key)
+            if entry is None:
+                entry = self._indexes[key] = _IndexEntry()
+        with entry.lock:
+            # The snapshot is read under the entry's lock, so the index only ever moves
+            # forward in versions and the search below sees exactly this snapshot.
+            snap = self._snap
+            snap.check_search(queries, k)
+            ix = entry.index
+            if ix is None or ix.dim != snap.key_dim:
+                entry.index = None  # a failed build leaves no half-made index behind
+                ix = build_index(kind, _finite_keys(snap), snap.searchable, **params)
+                entry.index = ix
+                entry.knobs = {n: ix.params[n] for n in SEARCH_PARAMS if n in _KIND_KNOBS[kind]}
+            elif entry.version != snap.version:
+                if len(snap) < ix.size:  # compacted: ids were renumbered
+                    ix.rebuild(_finite_keys(snap), snap.searchable)
+                else:
+                    changed = (snap.key_rev > entry.version).nonzero().squeeze(1)  # [n] CPU
+                    ix.sync(_finite_keys(snap), snap.searchable, changed=changed)
+            entry.version = snap.version
+            ix.set_search_params(**{**entry.knobs, **knobs})
+            q = queries.detach().to(torch.float32)
+            scores, ids = ix.search(q, k)  # [B, k] on q's device
+        miss = (ids < 0).any(1)  # [B]
+        if bool(miss.any()):
+            es, ei = snap.search(q[miss], k)
+            scores[miss], ids[miss] = es.to(scores.device), ei.to(ids.device)
+        return scores.to(snap.device), ids.to(snap.device)
 
     def fetch(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, N] -> (keys [B, N, key_dim], values [B, N, d]) (MemoryLayer protocol)."""
@@ -835,7 +1017,8 @@ class KnowledgeMemory:
                 source_index=torch.cat([s.source_index, torch.tensor(
                     [pos[sources[o]] for o in chunks.owner], dtype=torch.int32)]),
                 sources=table, texts=s.texts + tuple(chunks.texts),
-                rev=torch.cat([s.rev, self._new_revs(n)]))
+                rev=torch.cat([s.rev, self._new_revs(n)]),
+                key_rev=torch.cat([s.key_rev, torch.zeros(n, dtype=torch.int64)]))
         return torch.arange(M, M + n, dtype=torch.int64)
 
     def add_examples(self, texts: Sequence[str], labels: Sequence, template: str = "{text} It was {label}.",
@@ -958,7 +1141,8 @@ class KnowledgeMemory:
                 valid=s.valid[keep_d], stale=s.stale[keep_d], finite=s.finite[keep_d],
                 source_index=remap[src_old.long()] if src_old.numel() else src_old,
                 sources=[s.sources[i] for i in used],
-                texts=tuple(s.texts[i] for i in kept.tolist()), rev=s.rev[keep])
+                texts=tuple(s.texts[i] for i in kept.tolist()), rev=s.rev[keep],
+                key_rev=torch.full((kept.numel(),), s.version + 1, dtype=torch.int64))
         return mapping
 
     # --------------------------------------------------------------------- encoding
@@ -1091,6 +1275,8 @@ class KnowledgeMemory:
                 new_keys = s.keys.clone()
                 new_values = None if values is None else s.values.clone()
                 stale, finite = s.stale.clone(), s.finite.clone()
+                key_rev = s.key_rev.clone()
+                key_rev[tgt.cpu()] = s.version + 1
             else:
                 # A new width/dtype/values layout: rows this commit does not cover have no key
                 # in it, so they are stale until encoded.
@@ -1098,13 +1284,29 @@ class KnowledgeMemory:
                 new_values = None if values is None else values.new_zeros(M, values.shape[1])
                 stale = torch.ones(M, dtype=torch.bool, device=s.device)
                 finite = torch.ones(M, dtype=torch.bool, device=s.device)
+                key_rev = torch.full((M,), s.version + 1, dtype=torch.int64)
             new_keys[tgt] = keys[src]
             if values is not None:
                 new_values[tgt] = values[src]
             stale[tgt] = False
             finite[tgt] = finite_new[src].to(s.device)
-            self._snap = s._replace(keys=new_keys, values=new_values, stale=stale, finite=finite)
+            self._snap = s._replace(keys=new_keys, values=new_values, stale=stale, finite=finite,
+                                    key_rev=key_rev)
             return int(tgt.numel())
+
+    # ------------------------------------------------------------------- sharding
+
+    def shard(self, rank: int, world_size: int, *, device: str | torch.device | None = None,
+              group=None, queries_differ: bool = True):
+        """This rank's part of the memory for search across a ``torch.distributed`` group:
+        the contiguous rows ``pluglm.distributed.shard_bounds(len(self), rank, world_size)``
+        (copied, so this memory can be freed), global ids kept. ``device``: where the
+        shard's tables go (default: this memory's device). See
+        :class:`pluglm.sharded_memory.ShardedKnowledgeMemory`."""
+        from .sharded_memory import ShardedKnowledgeMemory
+
+        return ShardedKnowledgeMemory.from_memory(self, rank, world_size, device=device,
+                                                  group=group, queries_differ=queries_differ)
 
     # ------------------------------------------------------------------- validation
 

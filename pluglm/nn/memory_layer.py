@@ -481,6 +481,11 @@ class MemoryLayer(nn.Module):
                 and t["weights"] == _weights_fingerprint(self._table_params()))
 
     def _ensure_tables(self, memory):
+        if getattr(memory, "is_sharded", False):
+            # values hold this rank's rows only, indexed by global ids: tables built from them
+            # would be silently wrong
+            raise ValueError("precompute_tables needs the whole value table; it is not "
+                             "supported with a sharded memory")
         if not self._tables_fresh(memory):
             values = getattr(memory, "values", None)
             if not isinstance(values, torch.Tensor):
