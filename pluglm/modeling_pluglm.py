@@ -374,6 +374,10 @@ class PlugLMPreTrainedModel(PreTrainedModel):
                 raise TypeError("memory must have fetch(indices) or token_ids_of(indices)")
             if reencode and not has_ids:
                 raise ValueError("reencode=True needs a memory with token_ids_of(indices)")
+            check = getattr(memory, "check_compatible", None)
+            if callable(check):  # fail here, not at the first forward
+                check(key_dim=self.config.key_dim, value_dim=self.config.hidden_size,
+                      vocab_size=self.config.vocab_size)
         if reencode not in (None, True, False):
             raise ValueError(f"reencode must be None, True or False, got {reencode!r}")
         plug.__dict__["_memory"] = memory

@@ -75,7 +75,7 @@ def mips_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, key_scales=N
         raise ValueError(f"key_scales is only for int8 keys; keys are {keys.dtype}")
     elif backend != "reference" and queries.dtype not in (torch.float32, keys.dtype):
         raise TypeError(f"queries must be float32 or the keys' dtype {keys.dtype}, got {queries.dtype}")
-    if keys.stride(1) != 1 or keys.stride(0) != d:
+    if not keys.is_contiguous():
         raise ValueError("keys must be contiguous row-major [M, d] (a copy would cost O(M*d) memory)")
     V.integer("k", k, lo=1, hi=min(MAX_K, M), what="1 <= k <= min(2048, number of keys)")
     if valid is not None:

@@ -41,6 +41,24 @@ def _(queries, keys, k, key_scales, valid, backend):
 # -------------------------------------------------------------------- knowledge_attention
 
 
+# Shapes the fused attention kernels take; "auto" falls back to the reference outside them
+# (a named backend raises in its own argument checks instead).
+_KERNEL_MAX_N = 256
+_CUDA_HEAD_DIMS = (32, 64, 128)
+
+
+def _attention_backend(op: str, backend: str, q: Tensor, N: int) -> str:
+    be = _backends.resolve(op, backend, q.device)
+    if backend != "auto" or be == "reference":
+        return be
+    if N > _KERNEL_MAX_N:
+        return "reference"
+    if be == "cuda" and q.shape[-1] not in _CUDA_HEAD_DIMS:
+        ok, _ = _backends.availability(op, "triton", q.device.type)
+        return "triton" if ok else "reference"
+    return be
+
+
 def _ref_ka_backward(grad_out, q, k, v, bias, beta, dropout_p, seed):
     def f(q_, k_, v_, bias_, beta_):
         return reference.knowledge_attention(q_, k_, v_, bias_, beta_, dropout_p, seed)[0]
@@ -52,7 +70,7 @@ def _ref_ka_backward(grad_out, q, k, v, bias, beta, dropout_p, seed):
 @torch.library.custom_op("pluglm::knowledge_attention", mutates_args=())
 def knowledge_attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, beta: Tensor,
                            dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
-    be = _backends.resolve("knowledge_attention", backend, q.device)
+    be = _attention_backend("knowledge_attention", backend, q, k.shape[1])
     if be in ("cpu", "cuda"):
         return torch.ops.pluglm._C_knowledge_attention_fwd(q, k, v, bias, beta, dropout_p, seed)
     if be == "triton":
@@ -73,7 +91,7 @@ def knowledge_attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, beta: Tensor, out: Tensor,
     lse: Tensor, dropout_p: float, seed: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    be = _backends.resolve("knowledge_attention", backend, q.device)
+    be = _attention_backend("knowledge_attention", backend, q, k.shape[1])
     grad_out = grad_out.contiguous()
     if be in ("cpu", "cuda"):
         return torch.ops.pluglm._C_knowledge_attention_bwd(grad_out, q, k, v, bias, beta, out,
@@ -116,7 +134,7 @@ knowledge_attention_op.register_autograd(_ka_backward, setup_context=_ka_setup)
 def gather_knowledge_attention_op(q: Tensor, table_k: Tensor, table_v: Tensor, indices: Tensor,
                                   bias: Tensor, beta: Tensor, dropout_p: float, seed: int,
                                   backend: str) -> tuple[Tensor, Tensor]:
-    be = _backends.resolve("gather_knowledge_attention", backend, q.device)
+    be = _attention_backend("gather_knowledge_attention", backend, q, indices.shape[1])
     if be in ("cpu", "cuda"):
         return torch.ops.pluglm._C_gather_knowledge_attention_fwd(
             q, table_k, table_v, indices, bias, beta, dropout_p, seed)
@@ -141,7 +159,7 @@ def gather_knowledge_attention_backward_op(
     beta: Tensor, out: Tensor, lse: Tensor, dropout_p: float, seed: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk_rows [B, N, H, Dh], dv_rows [B, N, H, Dh], dbias, dbeta)."""
-    be = _backends.resolve("gather_knowledge_attention", backend, q.device)
+    be = _attention_backend("gather_knowledge_attention", backend, q, indices.shape[1])
     grad_out = grad_out.contiguous()
     if be in ("cpu", "cuda"):
         return torch.ops.pluglm._C_gather_knowledge_attention_bwd(

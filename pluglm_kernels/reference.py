@@ -46,6 +46,7 @@ def mips_topk(queries, keys, k, key_scales=None, valid=None):
         s = (q[:, None, :] * kb[None, :, :]).sum(-1)  # [B, blk]
         if valid is not None:
             s = s.masked_fill(~valid[start:stop].to(torch.bool)[None, :], float("-inf"))
+        s = s.masked_fill(torch.isnan(s), float("-inf"))  # a NaN key row is never returned
         idx = torch.arange(start, stop, device=queries.device).expand(B, -1)
         cat_s = torch.cat([best_s, s], dim=1)
         cat_i = torch.cat([best_i, idx], dim=1)
@@ -147,6 +148,8 @@ def attentive_pool(x, mask, w1, b1, w2, b2):
     Max-subtracted (stable in fp16). A row with no token pools to zeros. Returns [B, D] in
     x's dtype.
     """
+    if x.shape[1] == 0:  # no tokens at all: every row pools to zeros, as in the kernels
+        return x.new_zeros(x.shape[0], x.shape[2])
     acc = _acc_dtype(x, w1)
     xa = x.to(acc)
     s = torch.tanh(xa @ w1.to(acc).T + b1.to(acc)) @ w2.to(acc).reshape(-1) + b2.to(acc).reshape(())

@@ -526,14 +526,19 @@ void pool_fwd_kernel(const PoolInputs& in, T* pooled, float* alpha) {
     for (int64_t b = b0; b < b1; ++b) {
       float* a = alpha + b * g.T;
       float m = kNegInf;
-      for (int64_t t = 0; t < g.T; ++t) m = std::max(m, a[t]);
+      bool any = false;  // from the mask, not the scores: all-NaN scores must stay NaN
+      for (int64_t t = 0; t < g.T; ++t) {
+        m = std::max(m, a[t]);
+        any |= mask[b * g.T + t] != 0;
+      }
       std::fill(acc.begin(), acc.end(), 0.f);
-      if (m == kNegInf) {  // no token: alpha = 0, pooled = 0
+      if (!any) {  // no token: alpha = 0, pooled = 0
         std::fill(a, a + g.T, 0.f);
       } else {
+        const float mm = (m == kNegInf) ? 0.f : m;  // every score NaN: exp(NaN) propagates
         float l = 0.f;
         for (int64_t t = 0; t < g.T; ++t) {
-          a[t] = std::exp(a[t] - m);  // exp(-inf) = 0 for masked tokens
+          a[t] = std::exp(a[t] - mm);  // exp(-inf) = 0 for masked tokens
           l += a[t];
         }
         const float inv = 1.f / l;  // l >= 1 (the max term)
