@@ -10,8 +10,9 @@ Training uses stale keys for the search and fresh keys for the gradient: the mem
 stored keys are searched, and the retrieved entries are re-encoded with the live encoder
 inside the forward (the model does this for a ``KnowledgeMemory``). Every
 ``--refresh-interval`` optimizer steps all keys are re-encoded, synchronously, by
-``SyncKeyRefresher.on_step(step)``; any object with ``on_step(step)`` (e.g. an
-asynchronous refresher) can replace it. bf16 autocast (CPU or CUDA) and gradient
+``SyncKeyRefresher.on_step(step)``, or with ``--async-refresh`` by
+``pluglm.AsyncKeyRefresher`` (re-encodes in the background while training goes on, swaps the
+new keys in at a step boundary); any object with ``on_step(step)`` plugs in. bf16 autocast (CPU or CUDA) and gradient
 accumulation are on by default.
 
 Everything is built in code, offline: a synthetic corpus of facts ("n3 lives in c7 and
@@ -140,6 +141,8 @@ def parse_args(argv=None):
     p.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--refresh-interval", type=int, default=20, help="steps between full key refreshes (0 = never)")
+    p.add_argument("--async-refresh", action="store_true",
+                   help="refresh keys in the background (pluglm.AsyncKeyRefresher) instead of blocking")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -172,7 +175,12 @@ def main(argv=None) -> dict:
                                         device=device)
     memory.encode(encoder, progress=False)
     model.set_memory(memory)  # training re-encodes the retrieved entries with the live encoder
-    refresher = SyncKeyRefresher(memory, encoder, args.refresh_interval)
+    if args.async_refresh:
+        from pluglm.refresh import AsyncKeyRefresher
+
+        refresher = AsyncKeyRefresher(encoder, memory, interval=args.refresh_interval)
+    else:
+        refresher = SyncKeyRefresher(memory, encoder, args.refresh_interval)
 
     enc = tokenizer(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
     ids_all, mask_all = enc["input_ids"], enc["attention_mask"]
@@ -198,6 +206,9 @@ def main(argv=None) -> dict:
         if args.log_every and step % args.log_every == 0:
             print(f"step {step:5d}  mlm loss {total:.4f}  refreshes {refresher.refreshes}  "
                   f"{time.perf_counter() - t0:.1f}s", flush=True)
+    if args.async_refresh:  # swap in the last refresh, stop the background worker
+        refresher.wait()
+        refresher.close()
     # How far training moved the separate entry encoder (bert path): the re-encode's gradient.
     enc_delta = None if enc_start is None else sum(
         float((p.detach() - p0).norm()) for p, p0 in zip(encoder.parameters(), enc_start))

@@ -10,6 +10,7 @@ from .auto import register as _register_auto
 from .configuration_pluglm import PlugLMConfig
 from .integrations import PlugLMEncoder, apply_pluglm, set_memory
 from .memory import KnowledgeMemory, MemoryFormatError
+from .refresh import AsyncKeyRefresher
 from .modeling_pluglm import (
     PlugLMForMaskedLM,
     PlugLMForQuestionAnswering,
@@ -24,6 +25,7 @@ _register_auto()
 
 __version__ = "0.1.0"
 __all__ = [
+    "AsyncKeyRefresher",
     "PlugLMEncoder",
     "apply_pluglm",
     "set_memory",

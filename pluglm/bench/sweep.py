@@ -6,7 +6,9 @@ Cases (``--quick`` keeps the scaling trend with fewer points):
 - attention: ``knowledge_attention`` vs the eager reference, ``torch.compile`` of it and the
   published formulation (separate bmm, additive bias, softmax, bmm), forward and
   forward + backward;
-- gather + attention, one memory layer, a full PlugLM forward (``model_bench``).
+- gather + attention, one memory layer, a full PlugLM forward (``model_bench``);
+- the key refresh: synchronous, asynchronous and the published file round trip, and the
+  training-step time while refreshing (``refresh_bench``).
 """
 from __future__ import annotations
 
@@ -320,16 +322,18 @@ def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> dict:
     """Run every case; returns {"machine": ..., "config": ..., "rows": [...]}."""
     from rich.progress import Progress
 
-    from . import model_bench
+    from . import model_bench, refresh_bench
 
     torch.manual_seed(0)
     total = (count_cases(cfg) + 2 * len(cfg.attn_shapes)
-             + 2 * len(model_bench.memory_layer_sizes(cfg)) + 2 * len(model_bench.model_sizes(cfg)))
+             + 2 * len(model_bench.memory_layer_sizes(cfg)) + 2 * len(model_bench.model_sizes(cfg))
+             + refresh_bench.count_cases(cfg))
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task("pluglm bench", total=total)
         rows = (bench_search(cfg, progress, task) + bench_attention(cfg, progress, task)
                 + model_bench.bench_gather_attention(cfg, progress, task)
                 + model_bench.bench_memory_layer(cfg, progress, task)
-                + model_bench.bench_model_forward(cfg, progress, task))
+                + model_bench.bench_model_forward(cfg, progress, task)
+                + refresh_bench.bench_refresh(cfg, progress, task))
     return {"machine": machine_info(cfg.device), "config": asdict(cfg),
             "rows": [asdict(r) for r in rows]}

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import math
+
 import pytest
 
 pytest.importorskip("transformers")
@@ -35,3 +37,14 @@ def test_pretrain_mlm_loss_falls(model):
     assert last < 0.7 * first, (first, last)
     if model == "bert":  # the stale-search / fresh re-encode path trained the entry encoder
         assert result["encoder_delta"] > 0
+
+
+def test_pretrain_mlm_with_async_refresher():
+    example = _load_example()
+    result = example.main(["--model", "bert", "--steps", "24", "--batch-size", "8", "--accum", "1",
+                           "--hidden", "32", "--layers", "2", "--key-dim", "16", "--memory-k", "3",
+                           "--refresh-interval", "8", "--people", "32", "--lr", "5e-3",
+                           "--device", "cpu", "--log-every", "0", "--seed", "1", "--async-refresh"])
+    losses = result["losses"]
+    assert len(losses) == 24 and all(math.isfinite(x) for x in losses)
+    assert result["refreshes"] >= 1  # refreshes started (one may be skipped while another runs)
