@@ -1223,11 +1223,16 @@ class KnowledgeMemory:
         return self._commit(s, rows, keys_out, values_out)
 
     def set_keys(self, keys: torch.Tensor, values: torch.Tensor | None = None, *, ids=None,
-                 snapshot: MemorySnapshot | None = None) -> int:
+                 snapshot: MemorySnapshot | None = None, adopt: bool = False) -> int:
         """Install keys [E, key_dim] (and values [E, d]) computed elsewhere, e.g. by a key
         refresher, for entries ``ids`` [E] of ``snapshot`` (default: all entries of the
         current one). Entries whose content changed since ``snapshot`` stay stale. Returns
-        the number of entries committed."""
+        the number of entries committed.
+
+        adopt=True hands the tensors over: when they cover every current row in order (a
+        full refresh with no edit meanwhile) they become the table itself instead of being
+        copied into a new one, so the swap needs no third table. The caller must not write
+        to them afterwards."""
         s = self._snap if snapshot is None else snapshot
         if not isinstance(s, MemorySnapshot):
             raise TypeError("snapshot must come from KnowledgeMemory.snapshot()")
@@ -1247,10 +1252,10 @@ class KnowledgeMemory:
         if values is not None:
             vdt = values.dtype if values.dtype in _KEY_DTYPES else torch.float32
             values = values.detach().to(device=s.device, dtype=vdt)
-        return self._commit(s, rows, keys, values)
+        return self._commit(s, rows, keys, values, adopt=adopt)
 
     def _commit(self, base: MemorySnapshot, rows: torch.Tensor, keys: torch.Tensor,
-                values: torch.Tensor | None) -> int:
+                values: torch.Tensor | None, adopt: bool = False) -> int:
         """Write keys/values computed from ``base`` rows [E] into the current snapshot, at
         the rows whose content revision is unchanged (compact-proof: matched by revision)."""
         finite_new = _finite_rows(keys, keys.shape[0], keys.device) & \
@@ -1271,6 +1276,16 @@ class KnowledgeMemory:
                 and (s.values is None) == (values is None)
                 and (values is None or (s.values.shape[1] == values.shape[1]
                                         and s.values.dtype == values.dtype)))
+            whole = (adopt and same_layout and tgt.numel() == M == keys.shape[0]
+                     and bool((tgt.cpu() == torch.arange(M)).all())
+                     and bool((src.cpu() == torch.arange(M)).all()))
+            if whole:  # every row, in order: the handed-over tensors become the table
+                key_rev = s.key_rev.clone()
+                key_rev[:] = s.version + 1
+                self._snap = s._replace(
+                    keys=keys, values=values, stale=torch.zeros_like(s.stale),
+                    finite=finite_new.to(s.device), key_rev=key_rev)
+                return M
             if same_layout:
                 new_keys = s.keys.clone()
                 new_values = None if values is None else s.values.clone()

@@ -67,8 +67,10 @@ Peak extra memory of a refresh: one key table [M, key_dim] (+ one value table [M
 values) on the memory's device, plus one chunk's working set (its token ids [chunk, L] and
 whatever ``encode_memory`` allocates for ``chunk`` entries), plus the encoder weight copy
 (for PlugLM: the embedding tables, pooler, W_k, W_v). The shadow tables are allocated once
-per refresh and released at the swap. At the swap itself ``KnowledgeMemory.set_keys`` writes
-a new table from the shadow while searches may still hold the old one.
+per refresh and handed to the memory at the swap (searches may still hold the old table
+until they finish).
+
+When no entry was edited during the refresh, the shadow itself becomes the table (no copy).
 
 Sharded memories: the refresher is agnostic to what it refreshes; it re-encodes whatever
 memory object it is given. Give each rank's refresher its local shard (``mem.shard(rank,
@@ -382,6 +384,17 @@ class AsyncKeyRefresher:
         self._start()
         return self.wait() if block else None
 
+    def _set_keys(self, keys, values, snapshot, adopt: bool) -> int:
+        import inspect
+
+        try:
+            takes_adopt = "adopt" in inspect.signature(self.memory.set_keys).parameters
+        except (TypeError, ValueError):
+            takes_adopt = False
+        if takes_adopt:
+            return self.memory.set_keys(keys, values, snapshot=snapshot, adopt=adopt)
+        return self.memory.set_keys(keys, values, snapshot=snapshot)
+
     def wait(self, timeout: float | None = None) -> int | None:
         """Block until the running refresh is complete, swap it in and return the number of
         entries committed (None if none was running, or the timeout passed first)."""
@@ -518,7 +531,9 @@ class AsyncKeyRefresher:
                     if job.values is not None:
                         job.values.record_stream(cur)
                 values = job.values if self.values else job.snapshot.values
-                committed = self.memory.set_keys(job.keys, values, snapshot=job.snapshot)
+                # the shadow is ours alone: let a full, unedited refresh become the table
+                committed = self._set_keys(job.keys, values, job.snapshot,
+                                           adopt=values is None or values is job.values)
             if job.stream is None:
                 self.last_duration_s = job.t_end - job.t_start
             else:  # GPU time from the weight copy's event to the last chunk's

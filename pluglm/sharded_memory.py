@@ -375,7 +375,7 @@ class ShardedKnowledgeMemory:
                                  key_dtype=key_dtype)
 
     def set_keys(self, keys: torch.Tensor, values: torch.Tensor | None = None, *, ids=None,
-                 snapshot: MemorySnapshot | None = None) -> int:
+                 snapshot: MemorySnapshot | None = None, adopt: bool = False) -> int:
         """Install keys [E, key_dim] (values [E, d]) for this rank's rows: ``ids`` are global
         ids owned by this rank (default: every local row of ``snapshot``, which is a local
         snapshot from ``snapshot()``). The AsyncKeyRefresher's swap."""
@@ -386,7 +386,7 @@ class ShardedKnowledgeMemory:
             if t.numel() and (int(t.min()) < a or int(t.max()) >= b):
                 raise ValueError(f"ids must be owned by this rank (global ids [{a}, {b}))")
             local_ids = t - a
-        return self.local.set_keys(keys, values, ids=local_ids, snapshot=snapshot)
+        return self.local.set_keys(keys, values, ids=local_ids, snapshot=snapshot, adopt=adopt)
 
     def remove(self, ids) -> None:
         """Tombstone global ``ids`` (those this rank owns; others are ignored, so every rank

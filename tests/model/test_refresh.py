@@ -559,3 +559,20 @@ def test_cuda_training_steps_and_searches_during_refresh():
         assert r.refreshes == 1 and steps >= 1
     new_k, _ = sync_encode(snapshot_encoder(model), mem)
     assert rel_err(mem.keys, new_k) <= 1e-4 and rel_err(mem.keys, old_keys) > 1e-2
+
+
+def test_full_refresh_adopts_the_shadow_without_a_copy(fresh_seed):
+    """A full, unedited refresh hands its shadow table to the memory (no third table at the
+    swap); adopt=False (the default for callers) copies."""
+    mem = make_memory(6, 8, 50)
+    mem.set_keys(torch.randn(6, 4), None)  # encoded once (a new layout is always copied)
+    keys = torch.randn(6, mem.keys.shape[1])
+    mem.set_keys(keys, None, snapshot=mem.snapshot(), adopt=True)
+    assert mem.keys is keys and not bool(mem.stale.any())
+    keys2 = torch.randn(6, mem.keys.shape[1])
+    mem.set_keys(keys2, None)
+    assert mem.keys is not keys2 and torch.equal(mem.keys, keys2)
+    # a partial set (ids) is never adopted
+    keys3 = torch.randn(2, mem.keys.shape[1])
+    mem.set_keys(keys3, None, ids=[1, 4], adopt=True)
+    assert torch.equal(mem.keys[[1, 4]], keys3) and torch.equal(mem.keys[0], keys2[0])
