@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import pluglm_kernels as pk
+from pluglm.bench.measure import p20_p80, torch_alloc_peak_bytes
 from pluglm_kernels import reference as R
 from pluglm_kernels._backends import availability
 
@@ -111,34 +112,13 @@ def _make_call(impl, B, T, N, mode):
 
 
 def _peak_extra_bytes(call) -> int:
-    """Peak memory allocated by one call above what was live before it."""
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        call()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        call()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
-
-
-def _quantiles(data):
-    qs = statistics.quantiles(data, n=10) if len(data) >= 2 else [data[0]] * 9
-    return qs[1], qs[7]  # p20, p80
+    """Peak bytes torch allocates during one call above what was live before it."""
+    return torch_alloc_peak_bytes(call, DEVICE)
 
 
 def _record(benchmark, impl, B, T, N, mode, call):
     data = benchmark.stats.stats.data
-    p20, p80 = _quantiles(data)
+    p20, p80 = p20_p80(data)
     benchmark.extra_info.update({
         "impl": impl, "B": B, "T": T, "N": N, "H": H, "Dh": DH, "mode": mode,
         "dtype": str(DTYPE).replace("torch.", ""), "device": DEVICE,

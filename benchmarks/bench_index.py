@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pluglm_kernels as pk
+from pluglm.bench.measure import p20_p80
 from pluglm import distributed as D
 from pluglm.index import build_index
 
@@ -96,13 +97,6 @@ def _set_knob(index, knob, v):
         index.set_search_params(**{knob: v})
 
 
-def _quantiles(data):
-    qs = statistics.quantiles(data, n=10) if len(data) >= 2 else [data[0]] * 9
-    return qs[1], qs[7]  # p20, p80
-
-
-@pytest.mark.parametrize("M,kind,params,knob,v", CASES,
-                         ids=[f"M{c[0]}-{c[1]}" + (f"-{c[3]}{c[4]}" if c[3] else "") for c in CASES])
 def test_index_recall_latency(benchmark, M, kind, params, knob, v):
     if kind != "exact" and faiss is None:
         pytest.skip("faiss is not installed")
@@ -118,7 +112,7 @@ def test_index_recall_latency(benchmark, M, kind, params, knob, v):
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
     data = benchmark.stats.stats.data
     med = statistics.median(data)
-    p20, p80 = _quantiles(data)
+    p20, p80 = p20_p80(data)
     rec = _recall(call()[1], ref)
     benchmark.extra_info.update({
         "kind": kind, "M": M, "d": D_KEY, "B": B, "k": K, knob or "knob": v, "params": params,
@@ -199,7 +193,7 @@ def test_sharded_search(benchmark, world):
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     data = benchmark.stats.stats.data
     med = statistics.median(data)
-    p20, p80 = _quantiles(data)
+    p20, p80 = p20_p80(data)
     benchmark.extra_info.update({
         "world": world, "M": SHARD_M, "d": D_KEY, "B": B, "k": K, "threads_per_rank": _threads(world),
         "cpu_count": os.cpu_count(), "median_ms": med * 1e3, "p20_ms": p20 * 1e3, "p80_ms": p80 * 1e3,

@@ -33,6 +33,7 @@ import pytest
 import torch
 
 import pluglm_kernels as pk
+from pluglm.bench.measure import p20_p80, peak_extra_bytes, torch_alloc_peak_bytes
 from pluglm_kernels._backends import availability
 
 try:
@@ -115,47 +116,14 @@ def _make_call(impl, M, d, B, k):
     return call
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
-
-
 def _peak_extra_bytes(call) -> int:
     """Peak memory of one call above what was resident (CPU) or allocated (GPU) before it."""
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        call()
-        return torch.cuda.max_memory_allocated() - base
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    except OSError:
-        return -1  # not Linux, or not permitted: recorded as unknown
-    base = _status_kb("VmRSS")
-    call()
-    return (_status_kb("VmHWM") - base) * 1024
+    peak = peak_extra_bytes(call, DEVICE)
+    return -1 if peak is None else peak  # -1: unmeasurable here (recorded as unknown)
 
 
 def _peak_torch_alloc_bytes(call) -> int:
-    """Peak bytes held by torch's CPU allocator during one call (torch profiler events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        call()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
-
-
-def _quantiles(data):
-    qs = statistics.quantiles(data, n=10) if len(data) >= 2 else [data[0]] * 9
-    return qs[1], qs[7]  # p20, p80
+    return torch_alloc_peak_bytes(call, DEVICE)
 
 
 def _rounds(M, d, B):
@@ -171,7 +139,7 @@ def test_mips_topk(benchmark, shape, impl):
     call = _make_call(impl, M, d, B, k)
     benchmark.pedantic(call, rounds=_rounds(M, d, B), iterations=1, warmup_rounds=1)
     data = benchmark.stats.stats.data
-    p20, p80 = _quantiles(data)
+    p20, p80 = p20_p80(data)
     med = statistics.median(data)
     bytes_read = M * d * torch.finfo(DTYPE).bits // 8
     benchmark.extra_info.update({

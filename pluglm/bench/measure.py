@@ -121,3 +121,40 @@ def copy_bandwidth_gbs(device: torch.device | str, nbytes: int = 1 << 28) -> flo
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), device, warmup=3, min_repeats=10, budget_s=0.5)
     return 2 * n * 4 / (t.median_ms * 1e-3) / 1e9
+
+
+def peak_extra_bytes(call, device: torch.device | str = "cpu") -> int | None:
+    """Peak extra memory of one ``call()`` (see ``PeakMemory``); None where unmeasurable."""
+    with PeakMemory(device) as pm:
+        call()
+    return pm.peak_bytes
+
+
+def torch_alloc_peak_bytes(call, device: torch.device | str = "cpu") -> int:
+    """Peak bytes held by torch's allocator during one ``call()`` above what was live before:
+    CUDA allocator statistics on GPUs, torch profiler memory events on the CPU (sees torch
+    tensors only, but also memory that malloc reuses without touching the RSS peak)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        call()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def p20_p80(data: list[float]) -> tuple[float, float]:
+    """The 20th and 80th percentiles of ``data`` (pytest-benchmark records only IQR)."""
+    return _quantile(list(data), 0.2), _quantile(list(data), 0.8)

@@ -103,7 +103,7 @@ def bench_memory_layer(cfg: SweepConfig, progress=None, task=None) -> list[Row]:
                 if hasattr(m, "backend"):
                     m.backend = backend
 
-            def fn(mem=mem):
+            def fn(mem=mem, layer=layer):
                 with torch.no_grad():
                     layer(A, mask, mem)
 
