@@ -22,7 +22,9 @@ from pluglm.index import (KINDS, UPDATE_POLICIES, ExactIndex, FaissNotInstalledE
                           build_index)
 
 FAISS_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
-RECALL_MIN = {"exact": 1.0, "flat": 1.0, "ivf": 0.95, "hnsw": 0.9, "ivfpq": 0.25}
+# Approximate indexes on fresh random data each run: the floors sit below the observed range
+# (ivf with its default nprobe: 0.94-1.0 across seeds, after a full key refresh too).
+RECALL_MIN = {"exact": 1.0, "flat": 1.0, "ivf": 0.9, "hnsw": 0.9, "ivfpq": 0.25}
 
 
 @pytest.fixture(autouse=True)
