@@ -61,13 +61,19 @@ def _dropout_scale(row, offs_n, N, seed_lo, seed_hi, threshold, scale):
 
 
 @triton.jit
-def _load_kv(K, V, IDX, b, h, N, H, DH, offs_n, offs_d, mn, md, GATHER: tl.constexpr):
-    """k, v [BLOCK_N, BLOCK_D] rows of (b, h); zeros outside N x Dh."""
+def _kv_offsets(IDX, b, h, N, H, DH, offs_n, mn, GATHER: tl.constexpr):
+    """[BLOCK_N] element offsets of the (b, h) rows of k / v (gathered through IDX)."""
     if GATHER:
         rows = tl.load(IDX + b * N + offs_n, mask=mn, other=0).to(tl.int64)
     else:
         rows = b * N + offs_n
-    off = (rows * H + h) * DH
+    return (rows * H + h) * DH
+
+
+@triton.jit
+def _load_kv(K, V, IDX, b, h, N, H, DH, offs_n, offs_d, mn, md, GATHER: tl.constexpr):
+    """k, v [BLOCK_N, BLOCK_D] rows of (b, h); zeros outside N x Dh."""
+    off = _kv_offsets(IDX, b, h, N, H, DH, offs_n, mn, GATHER)
     mask = mn[:, None] & md[None, :]
     k = tl.load(K + off[:, None] + offs_d[None, :], mask=mask, other=0.0)
     v = tl.load(V + off[:, None] + offs_d[None, :], mask=mask, other=0.0)
@@ -102,7 +108,9 @@ def _ka_fwd_kernel(Q, K, V, IDX, BIAS, BETA, OUT, LSE, T, H, N, DH,
     mt = offs_t < T
     mn = offs_n < N
     md = offs_d < DH
-    k, v = _load_kv(K, V, IDX, b, h, N, H, DH, offs_n, offs_d, mn, md, GATHER)
+    kv_off = _kv_offsets(IDX, b, h, N, H, DH, offs_n, mn, GATHER)  # [BLOCK_N]
+    kv_mask = mn[:, None] & md[None, :]
+    k = tl.load(K + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
     bias = tl.load(BIAS + b * N + offs_n, mask=mn, other=0.0)
     beta = tl.load(BETA + h)
 
@@ -118,6 +126,9 @@ def _ka_fwd_kernel(Q, K, V, IDX, BIAS, BETA, OUT, LSE, T, H, N, DH,
     p = p / l[:, None]
     if DROPOUT:
         p = p * _dropout_scale(row, offs_n, N, seed_lo, seed_hi, threshold, scale)
+    # v is loaded only now, so k and v never need shared memory at the same time (f32 with
+    # N=256, Dh=128 would otherwise exceed the per-block limit on sm_80 and sm_90)
+    v = tl.load(V + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
     o = _mm(p.to(v.dtype), v, DOT)
     tl.store(OUT + row[:, None] * DH + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=qmask)
 
