@@ -531,7 +531,8 @@ class PlugLMModel(PlugLMPreTrainedModel):
                 inputs_embeds=None, output_hidden_states=None, output_retrieval=False,
                 return_dict=None, memory=None, output_attentions=None):
         if output_attentions:
-            raise NotImplementedError("output_attentions is not supported (fused attention)")
+            raise ValueError("output_attentions=True is not supported: the fused attention "
+                             "never materialises the attention probabilities")
         return_dict = self._return_dict(return_dict)
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else getattr(self.config, "output_hidden_states", False))

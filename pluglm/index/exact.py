@@ -21,6 +21,7 @@ geometrically on ``add``.
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import numpy as np
@@ -48,7 +49,7 @@ UPDATE_POLICIES = {
 }
 
 
-class SearchIndex:
+class SearchIndex(abc.ABC):
     """Base of the index backends: id bookkeeping, argument checks, result finishing."""
 
     kind: str = ""
@@ -157,20 +158,25 @@ class SearchIndex:
 
     # ------------------------------------------------------------------------ interface
 
+    @abc.abstractmethod
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Implemented by each index kind."""
 
+    @abc.abstractmethod
     def add(self, keys: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Implemented by each index kind."""
 
+    @abc.abstractmethod
     def update(self, ids, keys: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Implemented by each index kind."""
 
+    @abc.abstractmethod
     def remove(self, ids) -> None:
-        raise NotImplementedError
+        """Implemented by each index kind."""
 
+    @abc.abstractmethod
     def rebuild(self, keys: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        raise NotImplementedError
+        """Implemented by each index kind."""
 
     def set_search_params(self, **params) -> None:
         """Search-time knobs (faiss: nprobe, efSearch); the exact index has none."""
