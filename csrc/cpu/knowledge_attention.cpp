@@ -7,9 +7,10 @@
 // dropout on P (philox.h); out = sum_j P_j v_j in q's dtype, lse = logsumexp_j(s) f32.
 // Any Dh, N in [1, 256], f32/f16/bf16 with float32 accumulation.
 //
-// Work is split into tasks of (b, h, chunk of T): the N x Dh keys and values of one
-// (b, h) are converted to float once per task and reused by every row of the chunk,
-// since N is small and T large. The backward reduces dk/dv/dbias/dbeta over T through
+// Forward, Dh in {32, 64, 128}: tasks of (b, chunk of T) with compile-time row loops (see
+// forward_kernel_fixed). Other Dh, and the backward: tasks of (b, h, chunk of T): the
+// N x Dh keys and values of one (b, h) are converted to float once per task and reused by
+// every row of the chunk, since N is small and T large. The backward reduces dk/dv/dbias/dbeta over T through
 // per-chunk partials summed in a fixed order, so results do not depend on the thread
 // count or scheduling. The chunking depends on shapes only.
 #include <torch/extension.h>
@@ -17,8 +18,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <tuple>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "philox.h"
@@ -140,17 +143,192 @@ PLUGLM_INLINE void load_kv(const scalar_t* k, const scalar_t* v, const int64_t* 
   }
 }
 
+// 8-float GCC vectors for the fixed-Dh paths (compiled to AVX2 in the AVX2 clone, to
+// pairs of SSE registers in the portable build). Every helper taking or returning them is
+// force-inlined, so the AVX-vector ABI note GCC emits for the portable build does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+// Unaligned, aliasing view of 8 floats inside a float array.
+typedef float v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
+
+// t's per forward task of the fast path: 8 * H rows, enough to amortise the per-b
+// conversion of half-precision k/v, small enough for load balance.
+constexpr int64_t kFastRows = 8;
+
+PLUGLM_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f_u*>(p); }
+PLUGLM_INLINE void store8(float* p, v8f x) { *reinterpret_cast<v8f_u*>(p) = x; }
+PLUGLM_INLINE v8f splat8(float a) { return v8f{a, a, a, a, a, a, a, a}; }
+PLUGLM_INLINE float hsum8(v8f x) {
+  return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
+}
+
+// exp on 8 lanes (Cephes expf: range reduction by ln 2, degree-6 polynomial; within
+// ~2 ulp of std::exp). Inputs below -87.3 (results under FLT_MIN, -inf included) give
+// 0; NaN propagates. The softmax calls it on 8 logits at once, where std::exp would be
+// the largest per-row cost.
+PLUGLM_INLINE v8f exp8(v8f x) {
+  const v8f lo = splat8(-87.3f), hi = splat8(88.3f);
+  v8f xc = x < lo ? lo : x;  // NaN compares false: kept
+  xc = xc > hi ? hi : xc;
+  const v8f magic = splat8(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const v8f n = (xc * splat8(1.44269504088896341f) + magic) - magic;
+  v8f r = xc - n * splat8(0.693359375f);
+  r = r - n * splat8(-2.12194440e-4f);
+  v8f y = splat8(1.9875691500e-4f);
+  y = y * r + splat8(1.3981999507e-3f);
+  y = y * r + splat8(8.3334519073e-3f);
+  y = y * r + splat8(4.1665795894e-2f);
+  y = y * r + splat8(1.6666665459e-1f);
+  y = y * r + splat8(5.0000001201e-1f);
+  y = y * (r * r) + r + splat8(1.f);
+  const v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;  // 2^n, n in [-126, 127]
+  y = y * (v8f)e;  // vector cast: reinterprets the bits
+  return x < lo ? splat8(0.f) : y;
+}
+
+template <int DH>
+PLUGLM_INLINE float dot_fixed(const float* a, const float* b) {
+  v8f a0 = load8(a) * load8(b), a1 = load8(a + 8) * load8(b + 8);  // two chains: FMA latency
+  for (int i = 16; i < DH; i += 16) {
+    a0 += load8(a + i) * load8(b + i);
+    a1 += load8(a + i + 8) * load8(b + i + 8);
+  }
+  return hsum8(a0 + a1);
+}
+
+// Logit q.k + beta_h bias_j. The forward (lse) and the backward (P = exp(s - lse)) both
+// compute it here so that they round identically: with N = 1 the backward then sees P = 1
+// exactly and dq = 0.
+PLUGLM_INLINE float logit(const float* q, const float* k, int64_t Dh, float beta_h,
+                          float bias_j) {
+  float d;
+  switch (Dh) {
+    case 32: d = dot_fixed<32>(q, k); break;
+    case 64: d = dot_fixed<64>(q, k); break;
+    case 128: d = dot_fixed<128>(q, k); break;
+    default: d = dot(q, k, Dh);
+  }
+  return d + beta_h * bias_j;
+}
+
+// One row (b, t, h): qr [DH] in float; kb/vb + koff[j] + hoff is the float key/value row
+// of entry j; s [>= N rounded up to 8] holds -inf beyond N (padding lanes of exp8), p is
+// scratch of the same size. Writes outr [DH] (float) and returns lse.
+template <int DH>
+PLUGLM_INLINE float attend_row(const float* qr, const float* kb, const float* vb,
+                               const int64_t* koff, int64_t hoff, const float* bias_b,
+                               float beta_h, int64_t N, const Dropout& dr, int64_t row,
+                               float* s, float* p, float* outr) {
+  constexpr int V = DH / 8;
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < N; ++j) {
+    s[j] = logit(qr, kb + koff[j] + hoff, DH, beta_h, bias_b[j]);
+    m = std::max(m, s[j]);
+  }
+  const v8f mv = splat8(m);
+  v8f lv = splat8(0.f);
+  for (int64_t j = 0; j < N; j += 8) {
+    const v8f e = exp8(load8(s + j) - mv);
+    store8(p + j, e);
+    lv += e;
+  }
+  const float l = hsum8(lv);
+  const float inv = 1.f / l;
+  v8f o[V];
+  for (int i = 0; i < V; ++i) o[i] = splat8(0.f);
+  for (int64_t j = 0; j < N; ++j) {
+    float pj = p[j] * inv;
+    if (dr.on) {
+      const uint64_t counter = static_cast<uint64_t>(row * N + j);
+      pj = pluglm::philox_uint32(dr.seed, counter) >= dr.threshold ? pj * dr.scale : 0.f;
+    }
+    const v8f pv = splat8(pj);
+    const float* vr = vb + koff[j] + hoff;
+    for (int i = 0; i < V; ++i) o[i] += pv * load8(vr + 8 * i);
+  }
+  for (int i = 0; i < V; ++i) store8(outr + 8 * i, o[i]);
+  return m + std::log(l);
+}
+
 // s [N] <- logits of one row; returns their max.
 PLUGLM_INLINE float logits_row(const float* qf, const float* kf, const float* bias_b, float beta_h,
                         const Geometry& g, float* s) {
   float m = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < g.N; ++j) {
-    s[j] = dot(qf, kf + j * g.Dh, g.Dh) + beta_h * bias_b[j];
+    s[j] = logit(qf, kf + j * g.Dh, g.Dh, beta_h, bias_b[j]);
     m = std::max(m, s[j]);
   }
   return m;
 }
 
+// Forward for Dh = DH in {32, 64, 128}: the row loops have compile-time trip counts over
+// 8-float vectors, so the dot accumulators and the output row stay in registers (one pass
+// over k/v per row, no per-row buffers for f32). Tasks are (b, chunk of T) and a task
+// visits its rows in memory order (t, then h): q and out are streamed sequentially, and
+// the [N, H, Dh] keys/values of b (tens of KB) stay in L1/L2 across the chunk. Each row's
+// arithmetic does not depend on the partitioning, so neither do the results.
+template <typename scalar_t, int DH>
+void forward_kernel_fixed(const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                          const int64_t* indices, const float* bias, const float* beta,
+                          scalar_t* out, float* lse, const Geometry g, const Dropout dr) {
+  constexpr bool is_f32 = std::is_same<scalar_t, float>::value;
+  const int64_t chunks = (g.T + kFastRows - 1) / kFastRows;
+  const int64_t HD = g.H * DH;
+  parallel_tasks(g.B * chunks, 1, [&](int64_t begin, int64_t end) PLUGLM_TASK_INLINE {
+    const int64_t npad = (g.N + 7) / 8 * 8;
+    std::vector<float> s(npad, -std::numeric_limits<float>::infinity()), p(npad);
+    std::vector<int64_t> koff(g.N);  // float offset of entry j's row (all heads) in kb/vb
+    // Half precision: k/v of b converted to float [N, H, DH]; q and out rows through qf/of.
+    std::vector<float> kf(is_f32 ? 0 : g.N * HD), vf(is_f32 ? 0 : g.N * HD);
+    alignas(32) float qf[DH], of[DH];
+    const float* kb = nullptr;
+    const float* vb = nullptr;
+    int64_t loaded = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks, c = task % chunks;
+      if (b != loaded) {
+        for (int64_t j = 0; j < g.N; ++j) {
+          const int64_t r = kv_row(indices, b, j, g.N);
+          if constexpr (is_f32) {
+            koff[j] = r * HD;
+          } else {
+            koff[j] = j * HD;
+            load_row(k + r * HD, kf.data() + j * HD, HD);
+            load_row(v + r * HD, vf.data() + j * HD, HD);
+          }
+        }
+        if constexpr (is_f32) {
+          kb = reinterpret_cast<const float*>(k);
+          vb = reinterpret_cast<const float*>(v);
+        } else {
+          kb = kf.data();
+          vb = vf.data();
+        }
+        loaded = b;
+      }
+      const float* bias_b = bias + b * g.N;
+      const int64_t t1 = std::min(g.T, (c + 1) * kFastRows);
+      for (int64_t t = c * kFastRows; t < t1; ++t) {
+        for (int64_t h = 0; h < g.H; ++h) {
+          const int64_t row = (b * g.T + t) * g.H + h;  // flat (b, t, h)
+          if constexpr (is_f32) {
+            lse[row] = attend_row<DH>(reinterpret_cast<const float*>(q) + row * DH, kb, vb,
+                                      koff.data(), h * DH, bias_b, beta[h], g.N, dr, row,
+                                      s.data(), p.data(), reinterpret_cast<float*>(out) + row * DH);
+          } else {
+            load_row(q + row * DH, qf, DH);
+            lse[row] = attend_row<DH>(qf, kb, vb, koff.data(), h * DH, bias_b, beta[h], g.N, dr,
+                                      row, s.data(), p.data(), of);
+            store_row(of, out + row * DH, DH);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Any Dh (the fast path covers Dh in {32, 64, 128}).
 template <typename scalar_t>
 void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
                     const int64_t* indices, const float* bias, const float* beta, scalar_t* out,
@@ -413,10 +591,16 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   const Dropout dr = make_dropout(dropout_p, seed);
   const int64_t* idx = indices.has_value() ? indices->data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ka_fwd_cpu", [&] {
-    forward_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                             v.data_ptr<scalar_t>(), idx, bias.data_ptr<float>(),
-                             beta.data_ptr<float>(), out.data_ptr<scalar_t>(),
-                             lse.data_ptr<float>(), g, dr);
+    const auto args = std::make_tuple(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                      v.data_ptr<scalar_t>(), idx, bias.data_ptr<float>(),
+                                      beta.data_ptr<float>(), out.data_ptr<scalar_t>(),
+                                      lse.data_ptr<float>(), g, dr);
+    switch (g.Dh) {
+      case 32: std::apply(forward_kernel_fixed<scalar_t, 32>, args); break;
+      case 64: std::apply(forward_kernel_fixed<scalar_t, 64>, args); break;
+      case 128: std::apply(forward_kernel_fixed<scalar_t, 128>, args); break;
+      default: std::apply(forward_kernel<scalar_t>, args);
+    }
   });
   return {out, lse};
 }
