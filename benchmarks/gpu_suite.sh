@@ -25,22 +25,22 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
 fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}" PLUGLM_FORCE_CUDA=1
 log "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-if ! timeout 240 python setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1; then
+if ! timeout 180 python setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1; then
   log "BUILD FAILED (see build.log)"; status=1
 fi
 python -m pluglm.cli info > "$OUT_DIR/info.txt" 2>&1 || true
 
 log "tests (GPU tests included)"
-timeout 220 python -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" \
+timeout 270 python -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" \
   > "$OUT_DIR/tests.log" 2>&1 || { log "TESTS FAILED (see tests.log)"; status=1; }
 tail -5 "$OUT_DIR/tests.log" | tee -a "$OUT_DIR/suite.log"
 
 log "sweep (pluglm bench --quick on cuda)"
-timeout 150 python -m pluglm.cli bench --quick --device cuda --no-progress --out "$OUT_DIR/bench" \
+timeout 90 python -m pluglm.cli bench --quick --device cuda --no-progress --out "$OUT_DIR/bench" \
   > "$OUT_DIR/bench.log" 2>&1 || { log "BENCH FAILED (see bench.log)"; status=1; }
 
 log "pytest-benchmark files"
-timeout 120 python -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-json="$OUT_DIR/pytest-benchmark.json" \
+timeout 45 python -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-json="$OUT_DIR/pytest-benchmark.json" \
   > "$OUT_DIR/pytest-benchmark.log" 2>&1 || { log "BENCHMARK FILES FAILED"; status=1; }
 
 log "done, status $status; results in $OUT_DIR"
