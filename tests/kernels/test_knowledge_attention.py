@@ -43,6 +43,13 @@ def _tol(dtype):
     return RTOL[dtype] if dtype == torch.float32 else 1e-2
 
 
+def _grad_tol(dtype):
+    # Gradients are sums over B*T (dbeta over B*T*N) terms with cancellation, computed from
+    # inputs rounded to the kernel dtype: fresh random inputs put f32 at up to ~1.6e-5 and
+    # bf16 at up to ~1.2e-2 against float64 (as in the CUDA tests).
+    return 5e-5 if dtype == torch.float32 else 2e-2
+
+
 # ---------------------------------------------------------------------------- reference
 
 
@@ -102,7 +109,7 @@ def test_cpu_forward_backward(fresh_seed, shape, dtype, p):
     for name, g, r, x in zip("dq dk dv dbias dbeta".split(), grads, ref_grads, (q, k, v, bias, beta)):
         assert g.dtype == x.dtype and g.shape == x.shape, name
         assert torch.isfinite(g).all(), name
-        assert rel_err(g, r) < tol, (name, rel_err(g, r))
+        assert rel_err(g, r) < _grad_tol(dtype), (name, rel_err(g, r))
 
 
 @needs_cpu
@@ -123,7 +130,7 @@ def test_cpu_gather_matches_reference(fresh_seed, dtype, p):
     grads = C._C_gather_knowledge_attention_bwd(go, q, tk, tv, idx, bias, beta, out, lse, p, 99)
     assert grads[1].shape == (B, N, H, Dh) and grads[2].shape == (B, N, H, Dh)
     for name, g, r in zip("dq dk_rows dv_rows dbias dbeta".split(), grads, ref_grads):
-        assert rel_err(g, r) < tol, name
+        assert rel_err(g, r) < _grad_tol(dtype), name
 
 
 @needs_cpu
@@ -146,7 +153,7 @@ def test_public_gather_table_grads_accumulate(fresh_seed, dtype):
     assert rel_err(out, ref) < tol
     for name, a, x in zip(("q", "table_k", "table_v", "bias", "beta"), leaves, xs):
         assert a.grad.dtype == a.dtype, name
-        assert rel_err(a.grad, x.grad) < tol, name
+        assert rel_err(a.grad, x.grad) < _grad_tol(dtype), name
     assert leaves[1].grad[[2, 4]].abs().max() == 0  # rows never retrieved get no gradient
 
 
@@ -162,7 +169,7 @@ def test_public_wrapper_autograd(fresh_seed, dtype):
     tol = _tol(dtype)
     assert rel_err(out, ref_out) < tol
     for a, r in zip(leaves, ref_grads):
-        assert rel_err(a.grad, r) < tol
+        assert rel_err(a.grad, r) < _grad_tol(dtype)
 
 
 @needs_cpu

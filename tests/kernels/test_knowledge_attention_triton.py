@@ -58,6 +58,13 @@ def _tol(dtype):
     return RTOL[dtype] if dtype == torch.float32 else 1e-2
 
 
+def _grad_tol(dtype):
+    # Gradients are sums over B*T (dbeta over B*T*N) terms with cancellation, computed from
+    # inputs rounded to the kernel dtype: fresh random inputs put f32 at up to ~1.5e-5 and
+    # bf16 at up to ~1.2e-2 against float64 (as in the CUDA tests).
+    return 5e-5 if dtype == torch.float32 else 2e-2
+
+
 def test_registered():
     assert {"knowledge_attention", "gather_knowledge_attention"} <= _backends.TRITON_OPS
 
@@ -82,7 +89,7 @@ def test_forward_backward(fresh_seed, shape, p, dtype):
     grads = TK.knowledge_attention_bwd(go, q, k, v, bias, beta, out, lse, p, seed)
     for name, g, r, x in zip("dq dk dv dbias dbeta".split(), grads, ref_grads, (q, k, v, bias, beta)):
         assert g.dtype == x.dtype and g.shape == x.shape, name
-        assert rel_err(g.cpu(), r) < tol, (name, rel_err(g.cpu(), r))
+        assert rel_err(g.cpu(), r) < _grad_tol(dtype), (name, rel_err(g.cpu(), r))
 
 
 def test_backward_several_tiles_per_split(fresh_seed, monkeypatch):
