@@ -77,9 +77,12 @@ def _checks(rank: int, world: int, seed: int, tmp: str) -> None:
     for k in (1, 2, 5, 40, min(2048, M // world + 7)):
         got = shard.search(q, k)
         _check_same(got, pluglm_kernels.mips_topk(q, keys, k), f"float k={k}")
-    got = D.sharded_search(q, 2, keys[a:b], a)
-    for j, bnd in enumerate(bounds):  # the duplicate pair comes back lower global id first
-        assert got[1][j].tolist() == [bnd - 1, bnd], got[1][j]
+    got = D.sharded_search(q, 40, keys[a:b], a)
+    for j, bnd in enumerate(bounds):
+        # the duplicate pair straddling the boundary ties exactly: adjacent, lower global id
+        # first (another key may still out-score it: inner product, not cosine)
+        row = got[1][j].tolist()
+        assert bnd - 1 in row and row[row.index(bnd - 1) + 1] == bnd, row
 
     # 2. integer keys with removed rows: exact ties everywhere
     valid = torch.rand(M, generator=g) > 0.3
