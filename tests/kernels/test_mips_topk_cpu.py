@@ -298,7 +298,9 @@ def test_errors_name_the_argument():
 def test_meta_device_is_rejected():
     q = torch.randn(2, 4, device="meta")
     keys = torch.randn(5, 4)
-    with pytest.raises((RuntimeError, NotImplementedError)):
+    # the native op has no Meta kernel (the public op's fake impl covers shapes): the
+    # dispatcher refuses a meta query rather than the kernel reading a null pointer
+    with pytest.raises(Exception, match="Meta tensors|meta"):
         _op(q, keys, 1, None, None)
 
 
