@@ -3,15 +3,24 @@
 Semantics: ``pluglm_kernels.reference.knowledge_attention``. q [B, T, H, Dh] (pre-scaled);
 k, v [B, N, H, Dh] in q's dtype, or tables [M, H, Dh] read through indices [B, N] (page
 size 1); bias [B, N] f32; beta [H] f32; out [B, T, H, Dh] in q's dtype; lse [B, T, H] f32
-(log-sum-exp of the logits before dropout). N <= 256 fits one block, so every program
-does the whole softmax row (no online softmax). Dropout is Philox-4x32-10 keyed by
-``seed`` on the flat (b, t, h, j) position, bit-identical with the reference and the C++
-kernels; ``dropout_p == 0`` compiles the RNG out.
+(log-sum-exp of the logits before dropout). Dropout is Philox-4x32-10 keyed by ``seed`` on
+the flat (b, t, h, j) position, bit-identical with the reference and the C++ kernels;
+``dropout_p == 0`` compiles the RNG out.
 
-Grid: one program per (tile of T, b*h); the (b, h) keys and values are loaded once per
-program. The backward gives each (b, h) a few splits of T, each program looping over its
-tiles and keeping dk/dv partials in registers; the splits are summed by torch in a fixed
-order (deterministic, no atomics). The split count depends on shapes only.
+Forward: one program per (b*h, tile of T), walking N in chunks of at most _FWD_MAX_ROWS
+rows with an online softmax (a single pass for the usual N <= 64); v of a chunk is loaded
+after its softmax, so k and v never hold shared memory at once.
+
+Backward: up to _BWD_MAX_ROWS entries, one kernel: each (b, h) gets a few splits of T, each
+program looping over its tiles with the whole softmax row (renormalised, so N = 1 gives
+exact zeros), writing dq and keeping dk/dv partials in registers. Above it, N is split
+into chunks: _ka_bwd_dq_kernel computes D = sum_j P dP exactly and dq per tile of T, and
+_ka_bwd_kernel one program per (b*h, chunk, split of T) for dk, dv, dbias, dbeta. Partials
+are summed by torch in a fixed order (deterministic, no atomics); the split and chunk
+counts depend on shapes only. The caps come from compiling for sm_90 and sm_80 with
+tools/triton_aot_check.py: no kernel needs over 90 KB of shared memory, spills are at
+most a few hundred bytes (they were up to 44 KB, and 225 KB of shared memory for f16
+N = 256, Dh = 128, before the split).
 
 Plain launchers (called by pluglm_kernels.ops); they run on CUDA tensors, or on CPU
 tensors under TRITON_INTERPRET=1.
@@ -98,52 +107,66 @@ def _ka_fwd_kernel(Q, K, V, IDX, BIAS, BETA, OUT, LSE, T, H, N, DH,
                    seed_lo, seed_hi, threshold, scale,
                    GATHER: tl.constexpr, DROPOUT: tl.constexpr, DOT: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """out and lse of one (b, h) and tile of T, over N in chunks of BLOCK_N rows with an
+    online softmax (one chunk, i.e. one pass, whenever BLOCK_N covers N)."""
+    pid_bh = tl.program_id(0)
+    pid_t = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mt = offs_t < T
-    mn = offs_n < N
     md = offs_d < DH
-    kv_off = _kv_offsets(IDX, b, h, N, H, DH, offs_n, mn, GATHER)  # [BLOCK_N]
-    kv_mask = mn[:, None] & md[None, :]
-    k = tl.load(K + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-    bias = tl.load(BIAS + b * N + offs_n, mask=mn, other=0.0)
     beta = tl.load(BETA + h)
-
     row = (b * T + offs_t) * H + h  # [BLOCK_T] flat (b, t, h)
     qmask = mt[:, None] & md[None, :]
     q = tl.load(Q + row[:, None] * DH + offs_d[None, :], mask=qmask, other=0.0)
-    s = _mm(q, tl.trans(k), DOT) + beta * bias[None, :]  # [BLOCK_T, BLOCK_N] f32
-    s = tl.where(mn[None, :], s, float("-inf"))
-    m = tl.max(s, 1)
-    p = tl.exp(s - m[:, None])
-    l = tl.sum(p, 1)
+    m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mn = offs_n < N
+        kv_off = _kv_offsets(IDX, b, h, N, H, DH, offs_n, mn, GATHER)  # [BLOCK_N]
+        kv_mask = mn[:, None] & md[None, :]
+        k = tl.load(K + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        bias = tl.load(BIAS + b * N + offs_n, mask=mn, other=0.0)
+        s = _mm(q, tl.trans(k), DOT) + beta * bias[None, :]  # [BLOCK_T, BLOCK_N] f32
+        s = tl.where(mn[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every chunk has a valid column
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = p * _dropout_scale(row, offs_n, N, seed_lo, seed_hi, threshold, scale)
+        # v is loaded only now, so k and v never need shared memory at the same time
+        v = tl.load(V + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT)
+        m = m_new
     tl.store(LSE + row, m + tl.log(l), mask=mt)
-    p = p / l[:, None]
-    if DROPOUT:
-        p = p * _dropout_scale(row, offs_n, N, seed_lo, seed_hi, threshold, scale)
-    # v is loaded only now, so k and v never need shared memory at the same time (f32 with
-    # N=256, Dh=128 would otherwise exceed the per-block limit on sm_80 and sm_90)
-    v = tl.load(V + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-    o = _mm(p.to(v.dtype), v, DOT)
+    o = acc / l[:, None]
     tl.store(OUT + row[:, None] * DH + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=qmask)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
-def _ka_bwd_kernel(DO, Q, K, V, IDX, BIAS, BETA, LSE, DQ, DKP, DVP, DBIASP, DBETAP,
+def _ka_bwd_kernel(DO, Q, K, V, IDX, BIAS, BETA, LSE, DELTA, DQ, DKP, DVP, DBIASP, DBETAP,
                    B, T, H, N, DH, TILES_PER_SPLIT,
                    seed_lo, seed_hi, threshold, scale,
                    GATHER: tl.constexpr, DROPOUT: tl.constexpr, DOT: tl.constexpr,
+                   CHUNKED: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """dk, dv, dbias, dbeta partials of one (b, h), one split of T and one chunk of N.
+
+    Unchunked (BLOCK_N covers N): the program holds the whole softmax row, computes
+    D = sum_j P dP itself and also writes dq. Chunked: D comes from DELTA (written by
+    _ka_bwd_dq_kernel) and dq is that kernel's job.
+    """
+    pid_bh = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_s = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mn = offs_n < N
     md = offs_d < DH
@@ -166,6 +189,12 @@ def _ka_bwd_kernel(DO, Q, K, V, IDX, BIAS, BETA, LSE, DQ, DKP, DVP, DBIASP, DBET
         s = _mm(q, tl.trans(k), DOT) + beta * bias[None, :]
         p = tl.exp(s - lse[:, None])
         p = tl.where(mt[:, None] & mn[None, :], p, 0.0)  # [BLOCK_T, BLOCK_N]
+        if not CHUNKED:
+            # The whole row is here: renormalise, so that the rounding of the recomputed
+            # logits (other tile shapes than the forward's) cancels; N = 1 gives p = 1 and
+            # exact zeros for dq, dk, dbias, dbeta.
+            psum = tl.sum(p, 1)
+            p = p / tl.where(psum > 0.0, psum, 1.0)[:, None]
         dp = _mm(do, tl.trans(v), DOT)
         if DROPOUT:
             sc = _dropout_scale(row, offs_n, N, seed_lo, seed_hi, threshold, scale)
@@ -173,24 +202,90 @@ def _ka_bwd_kernel(DO, Q, K, V, IDX, BIAS, BETA, LSE, DQ, DKP, DVP, DBIASP, DBET
             pd = p * sc
         else:
             pd = p
-        # D = sum_j P dP (= rowsum(dO * O)) without reading O, exact in f32.
-        dsum = tl.sum(p * dp, 1)
+        if CHUNKED:
+            dsum = tl.load(DELTA + row, mask=mt, other=0.0)
+        else:
+            # D = sum_j P dP (= rowsum(dO * O)) without reading O, exact in f32.
+            dsum = tl.sum(p * dp, 1)
         ds = p * (dp - dsum[:, None])
-        dq = _mm(ds.to(k.dtype), k, DOT)
-        tl.store(DQ + row[:, None] * DH + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
+        if not CHUNKED:
+            dq = _mm(ds.to(k.dtype), k, DOT)
+            tl.store(DQ + row[:, None] * DH + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                     mask=qmask)
         dk += _mm(tl.trans(ds.to(q.dtype)), q, DOT)
         dv += _mm(tl.trans(pd.to(do.dtype)), do, DOT)
         colsum = tl.sum(ds, 0)
         dbias += colsum * beta
         dbeta += colsum * bias
-    # partials: DKP/DVP [splits, B, N, H, Dh]; DBIASP [splits, B, H, N]; DBETAP [splits, B, H]
+    # partials: DKP/DVP [splits, B, N, H, Dh]; DBIASP [splits, B, H, N];
+    # DBETAP [splits, chunks, B, H]
     part_kv = ((pid_s * B + b) * N + offs_n) * H + h
     kvmask = mn[:, None] & md[None, :]
     tl.store(DKP + part_kv[:, None] * DH + offs_d[None, :], dk, mask=kvmask)
     tl.store(DVP + part_kv[:, None] * DH + offs_d[None, :], dv, mask=kvmask)
     part_bh = (pid_s * B + b) * H + h
     tl.store(DBIASP + part_bh * N + offs_n, dbias, mask=mn)
-    tl.store(DBETAP + part_bh, tl.sum(dbeta, 0))
+    tl.store(DBETAP + ((pid_s * tl.num_programs(1) + pid_c) * B + b) * H + h, tl.sum(dbeta, 0))
+
+
+@triton.jit
+def _p_dp_chunk(q, do, lse, row, mt, K, V, IDX, BIAS, b, h, beta, N, H, DH, offs_n, offs_d, md,
+                seed_lo, seed_hi, threshold, scale,
+                GATHER: tl.constexpr, DROPOUT: tl.constexpr, DOT: tl.constexpr):
+    """P (zeros outside T x N) and dP (dropout applied) of one chunk of N, and its k rows."""
+    mn = offs_n < N
+    k, v = _load_kv(K, V, IDX, b, h, N, H, DH, offs_n, offs_d, mn, md, GATHER)
+    bias = tl.load(BIAS + b * N + offs_n, mask=mn, other=0.0)
+    s = _mm(q, tl.trans(k), DOT) + beta * bias[None, :]
+    p = tl.exp(s - lse[:, None])
+    p = tl.where(mt[:, None] & mn[None, :], p, 0.0)
+    dp = _mm(do, tl.trans(v), DOT)
+    if DROPOUT:
+        dp = dp * _dropout_scale(row, offs_n, N, seed_lo, seed_hi, threshold, scale)
+    return p, dp, k
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
+def _ka_bwd_dq_kernel(DO, Q, K, V, IDX, BIAS, BETA, LSE, DELTA, DQ, T, H, N, DH,
+                      seed_lo, seed_hi, threshold, scale,
+                      GATHER: tl.constexpr, DROPOUT: tl.constexpr, DOT: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dq of one (b, h) and tile of T, over N in chunks of BLOCK_N (N > the row cap).
+
+    Two passes over the chunks: the first sums D = sum_j P dP exactly in float32 and writes
+    it to DELTA for _ka_bwd_kernel; the second accumulates dq. (rowsum(dO * O) would save
+    the first pass but O is rounded to q's dtype: with bf16 that put dbeta, a sum that
+    cancels to near zero, 4% off.)
+    """
+    pid_bh = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    mt = offs_t < T
+    md = offs_d < DH
+    row = (b * T + offs_t) * H + h
+    qmask = mt[:, None] & md[None, :]
+    q = tl.load(Q + row[:, None] * DH + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + row[:, None] * DH + offs_d[None, :], mask=qmask, other=0.0)
+    lse = tl.load(LSE + row, mask=mt, other=0.0)
+    beta = tl.load(BETA + h)
+    dsum = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        p, dp, k = _p_dp_chunk(q, do, lse, row, mt, K, V, IDX, BIAS, b, h, beta, N, H, DH,
+                               n0 + tl.arange(0, BLOCK_N), offs_d, md,
+                               seed_lo, seed_hi, threshold, scale, GATHER, DROPOUT, DOT)
+        dsum += tl.sum(p * dp, 1)
+    tl.store(DELTA + row, dsum, mask=mt)
+    dq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        p, dp, k = _p_dp_chunk(q, do, lse, row, mt, K, V, IDX, BIAS, b, h, beta, N, H, DH,
+                               n0 + tl.arange(0, BLOCK_N), offs_d, md,
+                               seed_lo, seed_hi, threshold, scale, GATHER, DROPOUT, DOT)
+        ds = p * (dp - dsum[:, None])
+        dq += _mm(ds.to(k.dtype), k, DOT)
+    tl.store(DQ + row[:, None] * DH + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
 
 
 # ------------------------------------------------------------------------------- launchers
@@ -210,13 +305,26 @@ def _dot_mode(q: torch.Tensor) -> int:
     return 0
 
 
-def _blocks(N: int, Dh: int):
-    # tl.dot wants every dimension >= 16
-    block_n = max(16, triton.next_power_of_2(N))
-    block_d = max(16, triton.next_power_of_2(Dh))
-    block_t = 64 if block_n * block_d <= 64 * 64 else (32 if block_n * block_d <= 128 * 128 else 16)
-    num_warps = 4 if block_n * block_d <= 64 * 128 else 8
+def _fwd_blocks(N: int, Dh: int, dtype: torch.dtype):
+    """(BLOCK_T, BLOCK_N, BLOCK_D, num_warps) of the forward; N is walked in chunks of
+    BLOCK_N rows (at most _FWD_MAX_ROWS, which keep q, the chunk of k / v and the output
+    accumulator in registers without spills; tools/triton_aot_check.py)."""
+    block_d = max(16, triton.next_power_of_2(Dh))  # tl.dot wants every dimension >= 16
+    full = max(16, triton.next_power_of_2(N))
+    f32 = dtype == torch.float32
+    block_n = min(full, _FWD_MAX_ROWS[f32][block_d])
+    tile = block_n * block_d
+    if f32:
+        block_t = 32 if tile <= 1024 else 16
+        num_warps = 4
+    else:
+        block_t = 64 if tile <= 4096 else 32
+        num_warps = 4 if tile <= 4096 else 8
     return block_t, block_n, block_d, num_warps
+
+
+_FWD_MAX_ROWS = {False: {16: 128, 32: 64, 64: 64, 128: 64},
+                 True: {16: 64, 32: 32, 64: 16, 128: 16}}
 
 
 def _check(q, k, v, indices, bias, beta, dropout_p):
@@ -251,9 +359,9 @@ def _fwd(q, k, v, indices, bias, beta, dropout_p, seed):
     lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_t, block_n, block_d, num_warps = _blocks(N, Dh)
+    block_t, block_n, block_d, num_warps = _fwd_blocks(N, Dh, q.dtype)
     seed_lo, seed_hi, threshold, scale = _rng_args(dropout_p, seed)
-    grid = (triton.cdiv(T, block_t), B * H)
+    grid = (B * H, triton.cdiv(T, block_t))  # axis 0 takes up to 2^31 - 1 programs
     _ka_fwd_kernel[grid](
         q, k, v, indices if indices is not None else q, bias, beta, out, lse, T, H, N, Dh,
         seed_lo, seed_hi, threshold, scale,
@@ -262,15 +370,43 @@ def _fwd(q, k, v, indices, bias, beta, dropout_p, seed):
     return out, lse
 
 
+def _bwd_blocks(N: int, Dh: int, dtype: torch.dtype):
+    """(BLOCK_T, BLOCK_N, BLOCK_D, num_warps, chunked) of the backward.
+
+    A program keeps k, v and the float32 dk, dv accumulators of BLOCK_N entries; above
+    _BWD_MAX_ROWS rows (per dtype family and head size) that no longer fits in registers
+    and shared memory (f16 N=256, Dh=128 needed 225 KB of shared memory, over sm_80's
+    163 KB; f32 spilled from N=32), so N is split into chunks of that many rows. Sizes
+    from tools/triton_aot_check.py (registers, spills, shared memory; benchmarks/NOTES.md).
+    """
+    block_d = max(16, triton.next_power_of_2(Dh))
+    full = max(16, triton.next_power_of_2(N))
+    f32 = dtype == torch.float32
+    block_n = min(full, _BWD_MAX_ROWS[f32][block_d])
+    tile = block_n * block_d
+    if f32:  # exact float32 products (not tf32) take many registers per element
+        block_t, num_warps = 16, (4 if tile <= 1024 else 8)
+    else:
+        block_t = 64 if tile <= 2048 else (32 if tile <= 16384 else 16)
+        num_warps = 4 if tile <= 8192 else 8
+    return block_t, block_n, block_d, num_warps, block_n < full
+
+
+# Most rows of k / v one backward program holds, by (float32?, BLOCK_D).
+_BWD_MAX_ROWS = {False: {16: 64, 32: 64, 64: 64, 128: 64},
+                 True: {16: 128, 32: 64, 64: 32, 128: 16}}
+
+
 def _bwd(grad_out, q, k, v, indices, bias, beta, out, lse, dropout_p, seed):
     B, T, H, Dh, N = _check(q, k, v, indices, bias, beta, dropout_p)
     if grad_out.shape != q.shape or grad_out.dtype != q.dtype or not grad_out.is_contiguous():
         raise ValueError("grad_out must be contiguous with q's shape and dtype")
     if lse.shape != (B, T, H) or lse.dtype != torch.float32 or not lse.is_contiguous():
         raise ValueError(f"lse must be contiguous float32 [{B}, {T}, {H}]")
-    block_t, block_n, block_d, num_warps = _blocks(N, Dh)
+    block_t, block_n, block_d, num_warps, chunked = _bwd_blocks(N, Dh, q.dtype)
+    chunks = triton.cdiv(N, block_n)
     tiles = max(1, triton.cdiv(T, block_t))
-    splits = min(tiles, max(1, triton.cdiv(_BWD_PROGRAMS, max(B * H, 1))))
+    splits = min(tiles, max(1, triton.cdiv(_BWD_PROGRAMS, max(B * H * chunks, 1))))
     per_split = triton.cdiv(tiles, splits)
     splits = triton.cdiv(tiles, per_split)
     dev = q.device
@@ -278,19 +414,27 @@ def _bwd(grad_out, q, k, v, indices, bias, beta, out, lse, dropout_p, seed):
     dk_part = torch.empty((splits, B, N, H, Dh), dtype=torch.float32, device=dev)
     dv_part = torch.empty((splits, B, N, H, Dh), dtype=torch.float32, device=dev)
     dbias_part = torch.empty((splits, B, H, N), dtype=torch.float32, device=dev)
-    dbeta_part = torch.empty((splits, B, H), dtype=torch.float32, device=dev)
+    dbeta_part = torch.empty((splits, chunks, B, H), dtype=torch.float32, device=dev)
     if B * H > 0:
         seed_lo, seed_hi, threshold, scale = _rng_args(dropout_p, seed)
-        _ka_bwd_kernel[(splits, B * H)](
-            grad_out, q, k, v, indices if indices is not None else q, bias, beta, lse,
+        idx = indices if indices is not None else q
+        common = dict(GATHER=indices is not None, DROPOUT=dropout_p > 0.0, DOT=_dot_mode(q),
+                      BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+        delta = lse  # unused unless chunked
+        if chunked:
+            delta = torch.empty_like(lse)
+            if T > 0:
+                _ka_bwd_dq_kernel[(B * H, tiles)](
+                    grad_out, q, k, v, idx, bias, beta, lse, delta, dq, T, H, N, Dh,
+                    seed_lo, seed_hi, threshold, scale, BLOCK_T=block_t, **common)
+        _ka_bwd_kernel[(B * H, chunks, splits)](
+            grad_out, q, k, v, idx, bias, beta, lse, delta,
             dq, dk_part, dv_part, dbias_part, dbeta_part, B, T, H, N, Dh, per_split,
-            seed_lo, seed_hi, threshold, scale,
-            GATHER=indices is not None, DROPOUT=dropout_p > 0.0, DOT=_dot_mode(q),
-            BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+            seed_lo, seed_hi, threshold, scale, CHUNKED=chunked, BLOCK_T=block_t, **common)
     dk = dk_part.sum(0).to(q.dtype)
     dv = dv_part.sum(0).to(q.dtype)
     dbias = dbias_part.sum((0, 2))
-    dbeta = dbeta_part.sum((0, 1))
+    dbeta = dbeta_part.sum((0, 1, 2))
     return dq, dk, dv, dbias, dbeta
 
 

@@ -22,14 +22,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "triton_aot_check.py"
 ARCHS = (90, 80)
-KERNELS = {"_mips_stage1", "_ka_fwd_kernel", "_ka_bwd_kernel", "_embed_fwd_kernel",
+KERNELS = {"_mips_stage1", "_ka_fwd_kernel", "_ka_bwd_kernel", "_ka_bwd_dq_kernel",
+           "_embed_fwd_kernel",
            "_embed_bwd_kernel", "_scores_kernel", "_pool_kernel", "_pool_ds_kernel",
            "_pool_dx_kernel", "_pool_du_kernel"}
-# (case, arch) that compile but need more shared memory per block than the card has, so
-# the launch would raise OutOfResources; each is tracked by a strict xfail test below.
-KA_FWD_OVER = {("ka fwd f32 N=256 H=8 Dh=128 p=0.0", 90), ("ka fwd f32 N=256 H=8 Dh=128 p=0.0", 80)}
-KA_BWD_OVER = {("ka bwd f16 N=256 H=8 Dh=128 p=0.0", 80)}
-KNOWN_OVER_LIMIT = KA_BWD_OVER
+# The largest attention tiles, which once needed more shared memory per block than the
+# card has (the launch would raise OutOfResources); each is pinned by a test below.
+KA_FWD_BIG = {("ka fwd f32 N=256 H=8 Dh=128 p=0.0", 90), ("ka fwd f32 N=256 H=8 Dh=128 p=0.0", 80)}
+KA_BWD_BIG = {("ka bwd f16 N=256 H=8 Dh=128 p=0.0", 90), ("ka bwd f16 N=256 H=8 Dh=128 p=0.0", 80),
+              ("ka bwd f32 N=256 H=8 Dh=128 p=0.1 gather", 90),
+              ("ka bwd f32 N=256 H=8 Dh=128 p=0.1 gather", 80)}
 
 pytest.importorskip("triton")
 pytestmark = [pytest.mark.triton]
@@ -69,23 +71,32 @@ def test_every_kernel_compiles_for_gpu(aot):
 
 def test_kernels_fit_launch_limits(aot):
     bad = [f"{r['kernel']} sm_{r['arch']} ({r['case']}): {r['error']}"
-           for r in aot["results"] if r["compiled"] and not r["ok"]
-           and (r["case"], r["arch"]) not in KNOWN_OVER_LIMIT]
+           for r in aot["results"] if r["compiled"] and not r["ok"]]
     assert not bad, "\n".join(bad)
 
 
 def _fits(aot, known):
     rows = [r for r in aot["results"] if (r["case"], r["arch"]) in known]
-    assert len(rows) == len(known), "the known over-limit cases were not compiled"
+    assert {(r["case"], r["arch"]) for r in rows} == known, "the large cases were not compiled"
     assert all(r["ok"] for r in rows), [(r["arch"], r["error"]) for r in rows]
+    return rows
 
 
 def test_ka_fwd_largest_f32_tile_fits(aot):
-    # k and v are loaded one after the other (v after the softmax): 147 KB, under both limits
-    _fits(aot, KA_FWD_OVER)
+    # N is walked in chunks with an online softmax, v loaded after k: once 271 KB of shared
+    # memory (k and v at once), then 147 KB and 17 KB of spills per thread unchunked
+    rows = _fits(aot, KA_FWD_BIG)
+    assert all(r["smem"] <= 100 * 1024 for r in rows), [(r["case"], r["smem"]) for r in rows]
+    assert all((r["spill_st"] or 0) <= 1024 for r in rows), [(r["arch"], r["spill_st"]) for r in rows]
 
 
-@pytest.mark.xfail(strict=True, reason="_ka_bwd_kernel keeps k, v (and dk, dv) of all N "
-                   "entries per program: 225 KB for f16 N=256, Dh=128 (limit 163 KB sm_80)")
-def test_ka_bwd_largest_f16_tile_fits_sm80(aot):
-    _fits(aot, KA_BWD_OVER)
+def test_ka_bwd_largest_tiles_fit(aot):
+    # N=256 is split into chunks (64 rows of Dh=128 for 16-bit, 16 for float32): dq by
+    # _ka_bwd_dq_kernel, dk/dv/dbias/dbeta per chunk. Unchunked, f16 needed 225 KB on
+    # sm_80 (limit 163 KB) and float32 spilled kilobytes per thread.
+    rows = _fits(aot, KA_BWD_BIG)
+    assert {r["kernel"] for r in rows} == {"_ka_bwd_kernel", "_ka_bwd_dq_kernel"}
+    assert all(r["smem"] <= 100 * 1024 for r in rows), [(r["case"], r["smem"]) for r in rows]
+    # a spill of a few hundred bytes is tolerable; the unchunked kernels spilled 1-44 KB
+    assert all((r["spill_st"] or 0) <= 1024 for r in rows), \
+        [(r["kernel"], r["case"], r["arch"], r["spill_st"]) for r in rows]
