@@ -21,6 +21,19 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
+def triton_device() -> str:
+    """Where this session's Triton kernels run: "cpu" under TRITON_INTERPRET=1 (no GPU),
+    else "cuda"; skips the calling test module when neither works (triton missing, or
+    imported before the interpreter switch was set)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    if HAS_CUDA:
+        return "cuda"
+    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1 (triton imported before it was set)",
+                allow_module_level=True)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out64, ref64 = out.detach().to(torch.float64), ref.detach().to(torch.float64)
     denom = ref64.norm().item()

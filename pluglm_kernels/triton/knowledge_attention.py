@@ -90,6 +90,20 @@ def _load_kv(K, V, IDX, b, h, N, H, DH, offs_n, offs_d, mn, md, GATHER: tl.const
 
 
 @triton.jit
+def _t_tile(pid_bh, pid_t, T, H, DH, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(b, h, row, offs_d, mt, md, qmask) of the program's (b, h) and tile of T; row is the
+    flat (b, t, h) index of each of its BLOCK_T rows."""
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    mt = offs_t < T
+    md = offs_d < DH
+    row = (b * T + offs_t) * H + h
+    return b, h, row, offs_d, mt, md, mt[:, None] & md[None, :]
+
+
+@triton.jit
 def _mm(a, b, DOT: tl.constexpr):
     # DOT 0: native dot (f16/bf16 tensor cores, f32 accumulation); 1: float32 inputs, exact
     # float32 products (tf32 would break the 1e-5 tolerance); 2: upcast to float32 first
@@ -109,17 +123,9 @@ def _ka_fwd_kernel(Q, K, V, IDX, BIAS, BETA, OUT, LSE, T, H, N, DH,
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """out and lse of one (b, h) and tile of T, over N in chunks of BLOCK_N rows with an
     online softmax (one chunk, i.e. one pass, whenever BLOCK_N covers N)."""
-    pid_bh = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    mt = offs_t < T
-    md = offs_d < DH
+    b, h, row, offs_d, mt, md, qmask = _t_tile(tl.program_id(0), tl.program_id(1), T, H, DH,
+                                               BLOCK_T, BLOCK_D)
     beta = tl.load(BETA + h)
-    row = (b * T + offs_t) * H + h  # [BLOCK_T] flat (b, t, h)
-    qmask = mt[:, None] & md[None, :]
     q = tl.load(Q + row[:, None] * DH + offs_d[None, :], mask=qmask, other=0.0)
     m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -257,16 +263,8 @@ def _ka_bwd_dq_kernel(DO, Q, K, V, IDX, BIAS, BETA, LSE, DELTA, DQ, T, H, N, DH,
     the first pass but O is rounded to q's dtype: with bf16 that put dbeta, a sum that
     cancels to near zero, 4% off.)
     """
-    pid_bh = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    mt = offs_t < T
-    md = offs_d < DH
-    row = (b * T + offs_t) * H + h
-    qmask = mt[:, None] & md[None, :]
+    b, h, row, offs_d, mt, md, qmask = _t_tile(tl.program_id(0), tl.program_id(1), T, H, DH,
+                                               BLOCK_T, BLOCK_D)
     q = tl.load(Q + row[:, None] * DH + offs_d[None, :], mask=qmask, other=0.0)
     do = tl.load(DO + row[:, None] * DH + offs_d[None, :], mask=qmask, other=0.0)
     lse = tl.load(LSE + row, mask=mt, other=0.0)

@@ -6,35 +6,21 @@ types given or absent, a position offset, fp16 stability.
 """
 from __future__ import annotations
 
-import os
-
 # TRITON_INTERPRET is set by tests/conftest.py where no GPU exists
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-triton = pytest.importorskip("triton")
-
 import pluglm_kernels as pk  # noqa: E402
 
-from conftest import RTOL, rel_err  # noqa: E402
+from conftest import RTOL, rel_err, triton_device  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRET:
-    DEVICES = ["cpu"]
-elif torch.cuda.is_available():
-    DEVICES = ["cuda"]
-else:
-    DEVICES = []
-if not DEVICES:
-    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1 (triton imported before it was set)",
-                allow_module_level=True)
+DEV = triton_device()
 
 from pluglm_kernels.triton import encode_knowledge as TE  # noqa: E402
 
-DEV = DEVICES[0]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}

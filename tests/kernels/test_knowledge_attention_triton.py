@@ -6,37 +6,23 @@ bit-identical with the reference; repeated gather indices; deterministic backwar
 """
 from __future__ import annotations
 
-import os
-
 # TRITON_INTERPRET is set by tests/conftest.py where no GPU exists
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-triton = pytest.importorskip("triton")
-
 import pluglm_kernels as pk  # noqa: E402
 from pluglm_kernels import _backends  # noqa: E402
 from pluglm_kernels import reference as R  # noqa: E402
 
-from conftest import RTOL, rel_err  # noqa: E402
+from conftest import RTOL, rel_err, triton_device  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRET:
-    DEVICES = ["cpu"]
-elif torch.cuda.is_available():
-    DEVICES = ["cuda"]
-else:
-    DEVICES = []
-if not DEVICES:
-    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1 (triton imported before it was set)",
-                allow_module_level=True)
+DEV = triton_device()
 
 from pluglm_kernels.triton import knowledge_attention as TK  # noqa: E402
 
-DEV = DEVICES[0]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
