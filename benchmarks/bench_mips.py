@@ -27,13 +27,12 @@ from __future__ import annotations
 import os
 import re
 import statistics
-import time
 
 import pytest
 import torch
 
 import pluglm_kernels as pk
-from pluglm.bench.measure import p20_p80, peak_extra_bytes, torch_alloc_peak_bytes
+from pluglm.bench.measure import p20_p80, peak_extra_bytes, time_fn, torch_alloc_peak_bytes
 from pluglm_kernels._backends import availability
 
 try:
@@ -156,13 +155,9 @@ def test_mips_topk(benchmark, shape, impl):
 
 
 def _median_time(call, rounds):
-    call()
-    ts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        call()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    """Median seconds of ``rounds`` calls after one warm-up (a baseline timed beside the
+    benchmarked call, in the same process)."""
+    return time_fn(call, DEVICE, warmup=1, min_repeats=rounds, max_repeats=rounds).median_ms / 1e3
 
 
 @pytest.mark.skipif(DEVICE != "cpu" or "cpu" not in OURS, reason="CPU target (C++ kernel)")
