@@ -8,23 +8,28 @@
 // Any Dh, N in [1, 256], f32/f16/bf16 with float32 accumulation.
 //
 // Forward, Dh in {32, 64, 128}: tasks of (b, chunk of T) with compile-time row loops (see
-// forward_kernel_fixed). Other Dh, and the backward: tasks of (b, h, chunk of T): the
-// N x Dh keys and values of one (b, h) are converted to float once per task and reused by
-// every row of the chunk, since N is small and T large. The backward reduces dk/dv/dbias/dbeta over T through
-// per-chunk partials summed in a fixed order, so results do not depend on the thread
-// count or scheduling. The chunking depends on shapes only.
+// forward_kernel_fixed). Backward, Dh in {32, 64, 128}: tasks of (b, group of heads, chunk
+// of T) working on blocks of 8 rows of one head, vectorised over the rows (see
+// backward_kernel_fixed). Other Dh: tasks of (b, h, chunk of T): the N x Dh keys and values
+// of one (b, h) are converted to float once per task and reused by every row of the chunk,
+// since N is small and T large. The backwards reduce dk/dv/dbias/dbeta over T through
+// per-chunk partials summed in a fixed order, so results do not depend on the thread count
+// or scheduling. The chunking depends on shapes only.
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <tuple>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <memory>
+#include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
-#include "philox.h"
+#include "../philox.h"
 
 namespace {
 
@@ -71,6 +76,16 @@ Dropout make_dropout(double p, int64_t seed) {
 #endif
 
 #if PLUGLM_HAVE_AVX2_CLONE
+// PLUGLM_CPU_ISA=scalar|avx2|avx512 caps the instruction set the kernels pick (as in
+// mips_topk.cpp), read at each call: the tests reach every code path on one machine.
+// 0: portable build, 1: AVX2+FMA clone, 2: AVX-512 clone (backward).
+int isa_cap() {
+  const char* env = std::getenv("PLUGLM_CPU_ISA");
+  if (env == nullptr) return 2;
+  const std::string s(env);
+  return s == "scalar" ? 0 : s == "avx2" ? 1 : 2;
+}
+
 template <typename F>
 __attribute__((target("avx2,fma"))) void run_avx2(const F& f, int64_t begin, int64_t end) {
   f(begin, end);
@@ -80,13 +95,27 @@ bool cpu_has_avx2_fma() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return yes;
 }
+
+// The backward's AVX-512 clone (16-float vectors in its row loops).
+template <typename F>
+__attribute__((target("avx2,fma,avx512f,avx512vl,avx512dq,avx512bw"))) void run_avx512(
+    const F& f, int64_t begin, int64_t end) {
+  f(begin, end);
+}
+
+bool cpu_has_avx512() {
+  static const bool yes = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+  return yes;
+}
 #endif
 
 // at::parallel_for over [0, n) running `f(begin, end)` in its AVX2 clone where supported.
 template <typename F>
 void parallel_tasks(int64_t n, int64_t grain, const F& f) {
 #if PLUGLM_HAVE_AVX2_CLONE
-  const bool avx2 = cpu_has_avx2_fma();
+  const bool avx2 = isa_cap() >= 1 && cpu_has_avx2_fma();
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     if (avx2) {
       run_avx2(f, begin, end);
@@ -493,6 +522,510 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* q, const scalar_t
   }
 }
 
+// Backward for Dh = DH in {32, 64, 128}, in blocks of 8 rows (b, t..t+7, h) of one head.
+// The 8 rows are the lanes of the vectors of logits, P, dP and ds (one vector per entry j),
+// so the softmax backward is vectorised over rows, the 8 dot products of a (block, j) are
+// reduced together (hsum8x8, in hsum8's order: the logits round exactly as the forward's),
+// and each key/value row and dk/dv accumulator row is read once per block, not per row:
+//   1. s_j, dP_j [8 rows] for every j: dot products q_r . k_j and dO_r . v_j.
+//   2. P = exp(s - lse), dropout, D = sum_j P_j dP_j, ds_j = P_j (dP_j - D).
+//   3. dq_r = sum_j ds_rj k_j, row by row (accumulators in registers).
+//   4. dk_j += sum_r ds_rj q_r, dv_j += sum_r Pdrop_rj dO_r, entry by entry, rows in order.
+// The loops along Dh use W-float vectors: W = 8 in the AVX2+FMA clone, W = 16 in an AVX-512
+// clone (run_avx512) where the CPU has it, W = 4 in the portable build (SSE2 has 16 128-bit
+// registers). Each element goes through the same operations in the same order for any W,
+// so the AVX2 and AVX-512 clones give the same bits (checked); the portable build, without
+// FMA like its forward, rounds otherwise.
+// Tasks are (b, group of heads, chunk of T): heads are split first (their dk/dv are
+// disjoint), T only while B * H is small. A task walks its chunk in slabs of kBwdSlab t's,
+// head by head, so the keys/values and dk/dv accumulators of one head (4 N DH floats) stay
+// in L1 across a slab. dk/dv accumulate in float buffers [N, H, DH] per task, the sums of ds
+// per (h, j) in double. When T is split the per-chunk partials are summed afterwards in chunk
+// order. The chunking depends on the shapes only, so the results do not depend on the thread
+// count.
+constexpr int64_t kBwdFastTasks = 32;    // B * groups * chunks >= this where H and T allow
+constexpr int64_t kBwdFastMinRows = 32;  // t's per chunk at least (bounds the partials)
+constexpr int64_t kBwdSlab = 32;         // t's per slab, a multiple of 8
+
+// Lanes i0..i7 of the 16 lanes of a then b.
+#if defined(__clang__)
+#define PLUGLM_SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) \
+  __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#else
+#define PLUGLM_SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) \
+  __builtin_shuffle(a, b, v8i{i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
+
+// [a0+a4, a1+a5, a2+a6, a3+a7, b0+b4, b1+b5, b2+b6, b3+b7]
+PLUGLM_INLINE v8f add_halves(v8f a, v8f b) {
+  return PLUGLM_SHUFFLE8(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+         PLUGLM_SHUFFLE8(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+// [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7]
+PLUGLM_INLINE v8f add_neighbours(v8f a, v8f b) {
+  return PLUGLM_SHUFFLE8(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+         PLUGLM_SHUFFLE8(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+// Lane r: hsum8(x_r), with hsum8's additions ((x0+x4) + (x1+x5)) + ((x2+x6) + (x3+x7)),
+// given h04 = add_halves(x_0, x_4), h15 = add_halves(x_1, x_5), and so on.
+PLUGLM_INLINE v8f hsum8x8(v8f h04, v8f h15, v8f h26, v8f h37) {
+  return add_neighbours(add_neighbours(h04, h15), add_neighbours(h26, h37));
+}
+
+// x_r = a0 + a1 of dot_fixed<DH>(p_r, y) for 4 rows p_r (the same operations, so hsum8(x_r)
+// is that dot product bit for bit); y's vectors are loaded once for the 4 rows.
+template <int DH>
+PLUGLM_INLINE void dot4_fixed(const float* p0, const float* p1, const float* p2,
+                              const float* p3, const float* y, v8f& x0, v8f& x1, v8f& x2,
+                              v8f& x3) {
+  v8f y0 = load8(y), y1 = load8(y + 8);
+  v8f a0 = load8(p0) * y0, b0 = load8(p0 + 8) * y1;
+  v8f a1 = load8(p1) * y0, b1 = load8(p1 + 8) * y1;
+  v8f a2 = load8(p2) * y0, b2 = load8(p2 + 8) * y1;
+  v8f a3 = load8(p3) * y0, b3 = load8(p3 + 8) * y1;
+  for (int i = 16; i < DH; i += 16) {
+    y0 = load8(y + i);
+    y1 = load8(y + i + 8);
+    a0 += load8(p0 + i) * y0;
+    b0 += load8(p0 + i + 8) * y1;
+    a1 += load8(p1 + i) * y0;
+    b1 += load8(p1 + i + 8) * y1;
+    a2 += load8(p2 + i) * y0;
+    b2 += load8(p2 + i + 8) * y1;
+    a3 += load8(p3 + i) * y0;
+    b3 += load8(p3 + i + 8) * y1;
+  }
+  x0 = a0 + b0;
+  x1 = a1 + b1;
+  x2 = a2 + b2;
+  x3 = a3 + b3;
+}
+
+// As dot4_fixed for 2 rows (fewer registers: 16 with SSE, where a v8f takes two).
+template <int DH>
+PLUGLM_INLINE void dot2_fixed(const float* p0, const float* p1, const float* y, v8f& x0,
+                              v8f& x1) {
+  v8f y0 = load8(y), y1 = load8(y + 8);
+  v8f a0 = load8(p0) * y0, b0 = load8(p0 + 8) * y1;
+  v8f a1 = load8(p1) * y0, b1 = load8(p1 + 8) * y1;
+  for (int i = 16; i < DH; i += 16) {
+    y0 = load8(y + i);
+    y1 = load8(y + i + 8);
+    a0 += load8(p0 + i) * y0;
+    b0 += load8(p0 + i + 8) * y1;
+    a1 += load8(p1 + i) * y0;
+    b1 += load8(p1 + i + 8) * y1;
+  }
+  x0 = a0 + b0;
+  x1 = a1 + b1;
+}
+
+// dot8_fixed, 2 rows at a time.
+template <int DH>
+PLUGLM_INLINE v8f dot8_fixed2(const float* const* p, const float* y) {
+  v8f h[4];
+  for (int r = 0; r < 4; ++r) {
+    v8f x0, x1;
+    dot2_fixed<DH>(p[r], p[r + 4], y, x0, x1);
+    h[r] = add_halves(x0, x1);
+  }
+  return hsum8x8(h[0], h[1], h[2], h[3]);
+}
+
+// Lane r: dot_fixed<DH>(p[r], y), for the 8 rows p[0..7].
+template <int DH>
+PLUGLM_INLINE v8f dot8_fixed(const float* const* p, const float* y) {
+  v8f x0, x1, x2, x3, x4, x5, x6, x7;
+  dot4_fixed<DH>(p[0], p[1], p[4], p[5], y, x0, x1, x4, x5);
+  const v8f h04 = add_halves(x0, x4), h15 = add_halves(x1, x5);
+  dot4_fixed<DH>(p[2], p[3], p[6], p[7], y, x2, x3, x6, x7);
+  return hsum8x8(h04, h15, add_halves(x2, x6), add_halves(x3, x7));
+}
+
+// 4- and 16-float vectors, for the backward's portable build and AVX-512 clone.
+typedef float v4f __attribute__((vector_size(16)));
+typedef float v4f_u __attribute__((vector_size(16), aligned(4), may_alias));
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v16f_u __attribute__((vector_size(64), aligned(4), may_alias));
+
+template <int W>
+struct VecW;
+template <>
+struct VecW<4> {
+  typedef v4f type;
+  static PLUGLM_INLINE v4f load(const float* p) { return *reinterpret_cast<const v4f_u*>(p); }
+  static PLUGLM_INLINE void store(float* p, v4f x) { *reinterpret_cast<v4f_u*>(p) = x; }
+};
+template <>
+struct VecW<8> {
+  typedef v8f type;
+  static PLUGLM_INLINE v8f load(const float* p) { return load8(p); }
+  static PLUGLM_INLINE void store(float* p, v8f x) { store8(p, x); }
+};
+template <>
+struct VecW<16> {
+  typedef v16f type;
+  static PLUGLM_INLINE v16f load(const float* p) { return *reinterpret_cast<const v16f_u*>(p); }
+  static PLUGLM_INLINE void store(float* p, v16f x) { *reinterpret_cast<v16f_u*>(p) = x; }
+};
+
+// As dot8_fixed with 16-float vectors: lanes 0-7 of an accumulator are dot_fixed's first
+// chain (even 8-float vectors), lanes 8-15 its second, with the same operations per lane.
+template <int DH>
+PLUGLM_INLINE v8f dot8_fixed16(const float* const* p, const float* y) {
+  v16f a[8];
+  v16f y0 = VecW<16>::load(y);
+  for (int r = 0; r < 8; ++r) a[r] = VecW<16>::load(p[r]) * y0;
+  for (int i = 16; i < DH; i += 16) {
+    y0 = VecW<16>::load(y + i);
+    for (int r = 0; r < 8; ++r) a[r] += VecW<16>::load(p[r] + i) * y0;
+  }
+  v8f x[8];
+  for (int r = 0; r < 8; ++r) {
+    const float* ar = reinterpret_cast<const float*>(&a[r]);
+    x[r] = load8(ar) + load8(ar + 8);  // first chain + second chain
+  }
+  return hsum8x8(add_halves(x[0], x[4]), add_halves(x[1], x[5]), add_halves(x[2], x[6]),
+                 add_halves(x[3], x[7]));
+}
+
+// One block: rows r < nr of head h at (b, t0 + r), flat index row8[r]; rows r >= nr repeat
+// row nr - 1 and are masked out. qp/dop [8] float rows of q and dO; dqp [8] the float rows
+// receiving dq. kb/vb + koff[j] + hoff: key/value row of entry j; dkh/dvh + j * HD: its dk/dv
+// accumulators. S, DP, PD: scratch [N, 8]. Adds the block's sums of ds_j to sh[j].
+template <int DH, int W>
+PLUGLM_INLINE void backward_block(const float* const* qp, const float* const* dop,
+                                  float* const* dqp, int nr, const int64_t* row8,
+                                  const float* lse8, const float* kb, const float* vb,
+                                  const int64_t* koff, int64_t hoff, float* dkh, float* dvh,
+                                  int64_t HD, const float* bias_b, float beta_h, int64_t N,
+                                  const Dropout& dr, float* S, float* DP, float* PD,
+                                  double* sh) {
+  typedef VecW<W> VW;
+  typedef typename VW::type vec;
+  constexpr int V = DH / W;
+  constexpr int CH = V < 8 ? V : 8;  // vectors per register-resident slice of a row
+  // 1. Logits (logit()'s rounding: the dot, then + beta_h bias_j, fused or not as there)
+  //    and dP before dropout.
+  const v8f betav = splat8(beta_h);
+  for (int64_t j = 0; j < N; ++j) {
+    const float* kr = kb + koff[j] + hoff;
+    const float* vr = vb + koff[j] + hoff;
+    if constexpr (W == 16) {
+      store8(S + 8 * j, dot8_fixed16<DH>(qp, kr) + betav * bias_b[j]);
+      store8(DP + 8 * j, dot8_fixed16<DH>(dop, vr));
+    } else if constexpr (W == 4) {
+      store8(S + 8 * j, dot8_fixed2<DH>(qp, kr) + betav * bias_b[j]);
+      store8(DP + 8 * j, dot8_fixed2<DH>(dop, vr));
+    } else {
+      store8(S + 8 * j, dot8_fixed<DH>(qp, kr) + betav * bias_b[j]);
+      store8(DP + 8 * j, dot8_fixed<DH>(dop, vr));
+    }
+  }
+  // 2. P = exp(s - lse) (S <- P), dropout scale (dP and PD), D; then S <- ds.
+  const v8f lsev = load8(lse8);
+  v8f D = splat8(0.f);
+  for (int64_t j = 0; j < N; ++j) {
+    const v8f p = exp8(load8(S + 8 * j) - lsev);
+    v8f dp = load8(DP + 8 * j);
+    if (dr.on) {
+      v8f sc;
+      for (int r = 0; r < 8; ++r) {
+        const uint64_t counter = static_cast<uint64_t>(row8[r] * N + j);
+        sc[r] = pluglm::philox_uint32(dr.seed, counter) >= dr.threshold ? dr.scale : 0.f;
+      }
+      dp *= sc;
+      store8(DP + 8 * j, dp);
+      store8(PD + 8 * j, p * sc);
+    } else {
+      store8(PD + 8 * j, p);
+    }
+    store8(S + 8 * j, p);
+    D += p * dp;
+  }
+  const v8i live = v8i{0, 1, 2, 3, 4, 5, 6, 7} < nr;
+  for (int64_t j = 0; j < N; ++j) {
+    v8f ds = load8(S + 8 * j) * (load8(DP + 8 * j) - D);
+    if (nr < 8) {
+      ds = (v8f)((v8i)ds & live);
+      store8(PD + 8 * j, (v8f)((v8i)load8(PD + 8 * j) & live));
+    }
+    store8(S + 8 * j, ds);
+    sh[j] += static_cast<double>(hsum8(ds));
+  }
+  // 3. dq.
+  for (int r = 0; r < nr; ++r) {
+    for (int c = 0; c < V; c += CH) {
+      vec acc[CH];
+      for (int i = 0; i < CH; ++i) acc[i] = vec{};
+      for (int64_t j = 0; j < N; ++j) {
+        const float d = S[8 * j + r];
+        const float* kr = kb + koff[j] + hoff + W * c;
+        for (int i = 0; i < CH; ++i) acc[i] += d * VW::load(kr + W * i);
+      }
+      for (int i = 0; i < CH; ++i) VW::store(dqp[r] + W * (c + i), acc[i]);
+    }
+  }
+  // 4. dk, dv.
+  for (int64_t j = 0; j < N; ++j) {
+    float* dkr = dkh + j * HD;
+    float* dvr = dvh + j * HD;
+    for (int c = 0; c < V; c += CH) {
+      vec ak[CH], av[CH];
+      for (int i = 0; i < CH; ++i) ak[i] = VW::load(dkr + W * (c + i));
+      for (int r = 0; r < nr; ++r) {
+        const float d = S[8 * j + r];
+        for (int i = 0; i < CH; ++i) ak[i] += d * VW::load(qp[r] + W * (c + i));
+      }
+      for (int i = 0; i < CH; ++i) VW::store(dkr + W * (c + i), ak[i]);
+      for (int i = 0; i < CH; ++i) av[i] = VW::load(dvr + W * (c + i));
+      for (int r = 0; r < nr; ++r) {
+        const float d = PD[8 * j + r];
+        for (int i = 0; i < CH; ++i) av[i] += d * VW::load(dop[r] + W * (c + i));
+      }
+      for (int i = 0; i < CH; ++i) VW::store(dvr + W * (c + i), av[i]);
+    }
+  }
+}
+
+template <typename scalar_t, int DH>
+void backward_kernel_fixed(const scalar_t* grad_out, const scalar_t* q, const scalar_t* k,
+                           const scalar_t* v, const int64_t* indices, const float* bias,
+                           const float* beta, const float* lse, scalar_t* dq, scalar_t* dk,
+                           scalar_t* dv, float* dbias, float* dbeta, const Geometry g,
+                           const Dropout dr) {
+  constexpr bool is_f32 = std::is_same<scalar_t, float>::value;
+  const int64_t HD = g.H * DH;
+  const int64_t kv_b = g.N * HD;  // dk/dv elements of one b
+  if (g.B == 0 || g.T == 0) {  // no rows: zero gradients for k, v, bias and beta
+    std::fill(dk, dk + g.B * kv_b, scalar_t(0));
+    std::fill(dv, dv + g.B * kv_b, scalar_t(0));
+    std::fill(dbias, dbias + g.B * g.N, 0.f);
+    std::fill(dbeta, dbeta + g.H, 0.f);
+    return;
+  }
+  // Tasks (b, head group, chunk of T). Heads are split first (their dk/dv are disjoint),
+  // T only when B * H is still below kBwdFastTasks, into chunks of a multiple of 8 t's.
+  const int64_t want_groups = std::min(g.H, (kBwdFastTasks + g.B - 1) / g.B);
+  const int64_t hg = (g.H + want_groups - 1) / want_groups;  // heads per group
+  const int64_t groups = (g.H + hg - 1) / hg;
+  const int64_t by_rows = (g.T + kBwdFastMinRows - 1) / kBwdFastMinRows;
+  const int64_t wanted = (kBwdFastTasks + g.B * groups - 1) / (g.B * groups);
+  const int64_t split = std::max<int64_t>(1, std::min(by_rows, wanted));
+  const int64_t rows = ((g.T + split - 1) / split + 7) / 8 * 8;  // t's per chunk
+  const int64_t chunks = (g.T + rows - 1) / rows;
+  const int64_t tasks = g.B * groups * chunks;
+  // Per-chunk partials [chunks, B, N, H, DH] only when T is split (B * H small); every
+  // element is written by one task.
+  std::unique_ptr<float[]> dk_part(chunks > 1 ? new float[chunks * g.B * kv_b] : nullptr);
+  std::unique_ptr<float[]> dv_part(chunks > 1 ? new float[chunks * g.B * kv_b] : nullptr);
+  std::vector<double> ssum(g.B * chunks * g.H * g.N, 0.0);  // [B, chunks, H, N]: sum of ds
+
+  auto body = [&](auto wtag, int64_t begin, int64_t end) PLUGLM_TASK_INLINE {
+    constexpr int W = decltype(wtag)::value;
+    // The task's float buffers, in one arena: S, DP, PD [N, 8] of a block; dk/dv
+    // accumulators [N, H, DH]; half precision: k/v of b [N, H, DH] and the block's q, dO and
+    // dq rows [8, DH] each. Each starts at a 4 KiB boundary plus its own multiple of 320
+    // bytes (and the dO and dq rows are skewed too): equal offsets into different buffers
+    // (dk and dv, q and dq rows) then do not alias modulo 4 KiB, where a load can falsely
+    // wait on an unrelated store (measured: -25% time for bf16 at N = 32).
+    constexpr int64_t kPage = 1024, kSkew = 80;  // floats
+    const int64_t sizes[8] = {8 * g.N, 8 * g.N, 8 * g.N, kv_b, kv_b, is_f32 ? 0 : kv_b,
+                              is_f32 ? 0 : kv_b, is_f32 ? 0 : 3 * 8 * DH + 3 * kSkew};
+    int64_t total = kPage;
+    for (int i = 0; i < 8; ++i) total += (sizes[i] + kPage - 1) / kPage * kPage + kPage;
+    std::unique_ptr<float[]> arena(new float[total]);
+    float* bufs[8];
+    {
+      const uintptr_t base = reinterpret_cast<uintptr_t>(arena.get());
+      float* p = arena.get() + ((4096 - base % 4096) % 4096) / sizeof(float);
+      for (int i = 0; i < 8; ++i) {
+        bufs[i] = p + i * kSkew;
+        p += (sizes[i] + kPage - 1) / kPage * kPage + kPage;
+      }
+    }
+    float* const S = bufs[0];
+    float* const DP = bufs[1];
+    float* const PD = bufs[2];
+    float* const dkf = bufs[3];
+    float* const dvf = bufs[4];
+    float* const kf = bufs[5];
+    float* const vf = bufs[6];
+    float* const rowbuf = bufs[7];
+    std::vector<int64_t> koff(g.N);
+    const float* kb = nullptr;
+    const float* vb = nullptr;
+    int64_t loaded = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task % chunks, bg = task / chunks;
+      const int64_t b = bg / groups, h0 = bg % groups * hg, h1 = std::min(g.H, h0 + hg);
+      const int64_t gw = (h1 - h0) * DH;  // floats of the group in a row of all heads
+      if (bg != loaded) {
+        for (int64_t j = 0; j < g.N; ++j) {
+          const int64_t r = kv_row(indices, b, j, g.N);
+          if constexpr (is_f32) {
+            koff[j] = r * HD;
+          } else {
+            koff[j] = j * HD;
+            load_row(k + r * HD + h0 * DH, kf + j * HD + h0 * DH, gw);
+            load_row(v + r * HD + h0 * DH, vf + j * HD + h0 * DH, gw);
+          }
+        }
+        if constexpr (is_f32) {
+          kb = reinterpret_cast<const float*>(k);
+          vb = reinterpret_cast<const float*>(v);
+        } else {
+          kb = kf;
+          vb = vf;
+        }
+        loaded = bg;
+      }
+      for (int64_t j = 0; j < g.N; ++j) {
+        std::fill(dkf + j * HD + h0 * DH, dkf + j * HD + h0 * DH + gw, 0.f);
+        std::fill(dvf + j * HD + h0 * DH, dvf + j * HD + h0 * DH + gw, 0.f);
+      }
+      double* sb = ssum.data() + (b * chunks + c) * g.H * g.N;
+      const float* bias_b = bias + b * g.N;
+      const int64_t t1 = std::min(g.T, (c + 1) * rows);
+      for (int64_t ts = c * rows; ts < t1; ts += kBwdSlab) {
+        const int64_t ts1 = std::min(t1, ts + kBwdSlab);
+        // The slab's blocks read its q/dO rows head by head (strided); prefetch the q, dO
+        // and dq rows of the group for the task's next kBwdSlab t's (at its end, the next
+        // chunk or b in memory order), spread over the blocks, so that they arrive from
+        // DRAM ahead of use.
+        const int64_t pf_t0 = b * g.T + ts1;
+        const int64_t pf_nt = std::max<int64_t>(0, std::min(g.B * g.T, pf_t0 + kBwdSlab) - pf_t0);
+        const int64_t pf_row_lines = (gw * static_cast<int64_t>(sizeof(scalar_t)) + 63) / 64;
+        const int64_t pf_lines = pf_nt * pf_row_lines;
+        const int64_t pf_blocks = (h1 - h0) * ((ts1 - ts + 7) / 8);
+        const int64_t pf_per = (pf_lines + pf_blocks - 1) / pf_blocks;
+        int64_t pf_next = 0;
+        for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t t0 = ts; t0 < ts1; t0 += 8) {
+            const int nr = static_cast<int>(std::min<int64_t>(8, ts1 - t0));
+            for (const int64_t pf_end = std::min(pf_lines, pf_next + pf_per); pf_next < pf_end;
+                 ++pf_next) {
+              const int64_t off = (pf_t0 + pf_next / pf_row_lines) * HD + h0 * DH;
+              const int64_t line = 64 * (pf_next % pf_row_lines);
+              __builtin_prefetch(reinterpret_cast<const char*>(q + off) + line);
+              __builtin_prefetch(reinterpret_cast<const char*>(grad_out + off) + line);
+              __builtin_prefetch(reinterpret_cast<const char*>(dq + off) + line, 1);
+            }
+            const float* qp[8];
+            const float* dop[8];
+            float* dqp[8];
+            int64_t row8[8];
+            alignas(32) float lse8[8];
+            for (int r = 0; r < 8; ++r) {
+              const int rr = std::min(r, nr - 1);
+              const int64_t row = (b * g.T + t0 + rr) * g.H + h;  // flat (b, t, h)
+              row8[r] = row;
+              lse8[r] = lse[row];
+              if constexpr (is_f32) {
+                qp[r] = reinterpret_cast<const float*>(q) + row * DH;
+                dop[r] = reinterpret_cast<const float*>(grad_out) + row * DH;
+                dqp[r] = reinterpret_cast<float*>(dq) + row * DH;
+              } else {
+                float* qb = rowbuf + rr * DH;
+                float* db = rowbuf + (8 + rr) * DH + 2 * kSkew;
+                if (r == rr) {
+                  load_row(q + row * DH, qb, DH);
+                  load_row(grad_out + row * DH, db, DH);
+                }
+                qp[r] = qb;
+                dop[r] = db;
+                dqp[r] = rowbuf + (16 + rr) * DH + 3 * kSkew;
+              }
+            }
+            backward_block<DH, W>(qp, dop, dqp, nr, row8, lse8, kb, vb, koff.data(), h * DH,
+                               dkf + h * DH, dvf + h * DH, HD, bias_b, beta[h], g.N, dr, S, DP,
+                               PD, sb + h * g.N);
+            if constexpr (!is_f32) {
+              for (int r = 0; r < nr; ++r) store_row(dqp[r], dq + row8[r] * DH, DH);
+            }
+          }
+        }
+      }
+      for (int64_t j = 0; j < g.N; ++j) {
+        const int64_t off = j * HD + h0 * DH;
+        if (chunks == 1) {
+          store_row(dkf + off, dk + b * kv_b + off, gw);
+          store_row(dvf + off, dv + b * kv_b + off, gw);
+        } else {
+          std::copy(dkf + off, dkf + off + gw, dk_part.get() + (c * g.B + b) * kv_b + off);
+          std::copy(dvf + off, dvf + off + gw, dv_part.get() + (c * g.B + b) * kv_b + off);
+        }
+      }
+    }
+  };
+  // 16-float vectors in the AVX-512 clone, 8 in the AVX2 one, 4 in the portable build
+  // (SSE2 or other 128-bit vectors: wider ones would not fit its registers).
+#if PLUGLM_HAVE_AVX2_CLONE
+  const int cap = isa_cap();
+  if (cap >= 2 && cpu_has_avx512()) {
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      run_avx512([&](int64_t b0, int64_t b1) PLUGLM_TASK_INLINE {
+        body(std::integral_constant<int, 16>{}, b0, b1);
+      }, begin, end);
+    });
+  } else if (cap >= 1 && cpu_has_avx2_fma()) {
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      run_avx2([&](int64_t b0, int64_t b1) PLUGLM_TASK_INLINE {
+        body(std::integral_constant<int, 8>{}, b0, b1);
+      }, begin, end);
+    });
+  } else
+#endif
+  {
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      body(std::integral_constant<int, 4>{}, begin, end);
+    });
+  }
+
+  if (chunks > 1) {
+    // dk/dv = sum of the partials in chunk order, in blocks of kBlock elements.
+    const int64_t n = g.B * kv_b;
+    constexpr int64_t kBlock = 512;
+    parallel_tasks((n + kBlock - 1) / kBlock, 4, [&](int64_t begin, int64_t end) PLUGLM_TASK_INLINE {
+      alignas(32) float acc_k[kBlock], acc_v[kBlock];
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t e0 = blk * kBlock, len = std::min(kBlock, n - e0);
+        std::fill(acc_k, acc_k + len, 0.f);
+        std::fill(acc_v, acc_v + len, 0.f);
+        for (int64_t c = 0; c < chunks; ++c) {  // fixed order: deterministic
+          axpy(1.f, dk_part.get() + c * n + e0, acc_k, len);
+          axpy(1.f, dv_part.get() + c * n + e0, acc_v, len);
+        }
+        store_row(acc_k, dk + e0, len);
+        store_row(acc_v, dv + e0, len);
+      }
+    });
+  }
+  // dbias_j = sum_h beta_h sum ds, dbeta_h = sum_j bias_j sum ds (double, fixed order).
+  for (int64_t b = 0; b < g.B; ++b) {
+    for (int64_t j = 0; j < g.N; ++j) {
+      double acc = 0.0;
+      for (int64_t h = 0; h < g.H; ++h) {
+        double sj = 0.0;
+        for (int64_t c = 0; c < chunks; ++c) sj += ssum[((b * chunks + c) * g.H + h) * g.N + j];
+        acc += sj * beta[h];
+      }
+      dbias[b * g.N + j] = static_cast<float>(acc);
+    }
+  }
+  for (int64_t h = 0; h < g.H; ++h) {
+    double acc = 0.0;
+    for (int64_t b = 0; b < g.B; ++b) {
+      for (int64_t j = 0; j < g.N; ++j) {
+        double sj = 0.0;
+        for (int64_t c = 0; c < chunks; ++c) sj += ssum[((b * chunks + c) * g.H + h) * g.N + j];
+        acc += sj * bias[b * g.N + j];
+      }
+    }
+    dbeta[h] = static_cast<float>(acc);
+  }
+}
+
 // ------------------------------------------------------------------------------ checks
 
 void check_cpu_contig(const at::Tensor& t, const char* name) {
@@ -619,12 +1152,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const Dropout dr = make_dropout(dropout_p, seed);
   const int64_t* idx = indices.has_value() ? indices->data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ka_bwd_cpu", [&] {
-    backward_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
-                              k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), idx,
-                              bias.data_ptr<float>(), beta.data_ptr<float>(),
-                              lse.data_ptr<float>(), dq.data_ptr<scalar_t>(),
-                              dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
-                              dbias.data_ptr<float>(), dbeta.data_ptr<float>(), g, dr);
+    const auto args = std::make_tuple(
+        grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+        v.data_ptr<scalar_t>(), idx, bias.data_ptr<float>(), beta.data_ptr<float>(),
+        lse.data_ptr<float>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+        dv.data_ptr<scalar_t>(), dbias.data_ptr<float>(), dbeta.data_ptr<float>(), g, dr);
+    switch (g.Dh) {
+      case 32: std::apply(backward_kernel_fixed<scalar_t, 32>, args); break;
+      case 64: std::apply(backward_kernel_fixed<scalar_t, 64>, args); break;
+      case 128: std::apply(backward_kernel_fixed<scalar_t, 128>, args); break;
+      default: std::apply(backward_kernel<scalar_t>, args);
+    }
   });
   return {dq, dk, dv, dbias, dbeta};
 }

@@ -37,7 +37,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "ka_philox.cuh"
+#include "../philox.h"
 #include "ka_vec.cuh"
 
 namespace pluglm {
@@ -137,7 +137,7 @@ __device__ void stage_kv(const Params& p, int64_t b, int64_t h, float beta_h, in
 template <int G>
 __device__ __forceinline__ uint32_t group_keep_bits(const Params& p, bool have, uint64_t ctr) {
   bool keep = true;
-  if (have) keep = philox_first_word(p.seed, ctr) >= p.thr;
+  if (have) keep = philox_uint32(p.seed, ctr) >= p.thr;
   const int gl0 = (threadIdx.x & 31) & ~(G - 1);
   return __ballot_sync(kFull, keep) >> gl0;
 }

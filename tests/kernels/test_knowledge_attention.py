@@ -234,6 +234,49 @@ def test_backward_deterministic_and_thread_independent(fresh_seed):
         assert torch.equal(a, b)
 
 
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return flag in f.read().split()
+    except OSError:
+        return False
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Dh,N", [(32, 1), (64, 5), (128, 33)], ids=lambda v: str(v))
+def test_cpu_every_isa_path(fresh_seed, monkeypatch, isa, dtype, Dh, N):
+    """PLUGLM_CPU_ISA caps the kernels' instruction set: the portable build (4-wide rows in
+    the backward), the AVX2+FMA clone (8-wide) and the AVX-512 clone (16-wide), each
+    against the float64 reference; N = 1 gives exact zeros for dq, dk, dbias, dbeta."""
+    if isa != "scalar" and not _cpu_has({"avx2": "avx2", "avx512": "avx512f"}[isa]):
+        pytest.skip(f"CPU lacks {isa}")
+    monkeypatch.setenv("PLUGLM_CPU_ISA", isa)
+    B, T, H = 2, 21, 3  # T not a multiple of any row block
+    q, k, v, bias, beta = _inputs(B, T, H, Dh, N, dtype)
+    tk, tv = torch.randn(7, H, Dh).to(dtype), torch.randn(7, H, Dh).to(dtype)
+    idx = torch.randint(0, 7, (B, N))
+    seed, p = 99 + (7 << 32), 0.2
+    go = torch.randn_like(q)
+    for gather in (False, True):
+        kk, vv = (tk[idx], tv[idx]) if gather else (k, v)
+        if gather:
+            out, lse = C._C_gather_knowledge_attention_fwd(q, tk, tv, idx, bias, beta, p, seed)
+            grads = C._C_gather_knowledge_attention_bwd(go, q, tk, tv, idx, bias, beta, out, lse,
+                                                        p, seed)
+        else:
+            out, lse = C._C_knowledge_attention_fwd(q, k, v, bias, beta, p, seed)
+            grads = C._C_knowledge_attention_bwd(go, q, k, v, bias, beta, out, lse, p, seed)
+        ref_out, ref_lse, ref_grads = _ref_with_grads(q, kk, vv, bias, beta, go, p, seed)
+        assert rel_err(out, ref_out) < _tol(dtype) and rel_err(lse, ref_lse) < 1e-5
+        for name, g, r in zip("dq dk dv dbias dbeta".split(), grads, ref_grads):
+            if N == 1 and name != "dv":
+                assert not g.any(), (isa, gather, name)
+            else:
+                assert rel_err(g, r) < _grad_tol(dtype), (isa, gather, name, rel_err(g, r))
+
+
 # ------------------------------------------------------------------------ argument checks
 
 
