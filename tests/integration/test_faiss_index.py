@@ -321,8 +321,10 @@ def test_sync_with_an_edited_table(kind, fresh_seed):
     assert not index.needs_rebuild and index.num_valid == int(live.sum())
     ref = pluglm_kernels.mips_topk(q, -table, 10, valid=live)[1]
     # ivfpq: the six planted rows (norm 50) stretch the retrained PQ codebooks over a range
-    # ~10x the other keys', so its recall here is 0.23-0.30 over seeds (0.33 without them)
-    floor = 0.15 if kind == "ivfpq" else RECALL_MIN[kind]
+    # ~10x the other keys', so its recall here is 0.23-0.30 over seeds (0.33 without them).
+    # hnsw: the rebuilt graph over the negated table (the planted rows now point away from
+    # every query) measured 0.876-0.96 over 120 seeds, median 0.94 (0.96-0.98 before it).
+    floor = {"ivfpq": 0.15, "hnsw": 0.82}.get(kind, RECALL_MIN[kind])
     assert _recall(index.search(q, 10)[1], ref) >= floor
     with pytest.raises(ValueError, match="rebuild"):
         index.sync(table[:100], live[:100])
