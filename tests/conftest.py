@@ -34,6 +34,27 @@ def triton_device() -> str:
                 allow_module_level=True)
 
 
+def wordpiece_tokenizer(tokens, *, mask_token: bool = True):
+    """A BERT-style fast tokenizer built in code (no files, no network): WordPiece over
+    ``tokens`` after the specials [PAD] [UNK] [CLS] [SEP] (and [MASK] unless
+    ``mask_token=False``), in that order, so ids are stable across tests."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + (["[MASK]"] if mask_token else [])
+    vocab = {w: i for i, w in enumerate(specials + list(tokens))}
+    tk = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tk.decoder = decoders.WordPiece()
+    extra = {"mask_token": "[MASK]"} if mask_token else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", **extra)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out64, ref64 = out.detach().to(torch.float64), ref.detach().to(torch.float64)
     denom = ref64.norm().item()

@@ -25,23 +25,15 @@ from torch import nn
 
 from pluglm.memory import KnowledgeMemory
 
+from conftest import wordpiece_tokenizer
+
 WORDS = ["the", "cat", "sat", "on", "mat", "it", "was", "good", "bad", "dog", "ran", "fast",
          "paris", "is", "capital", "of", "france", "water", "boils", "at", "hundred", "degrees",
          "a", "an", "and", "or", "not", "very", "blue", "sky", "sea", "moon"]
 
 
 def tokenizer():
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + ["."])}
-    tk = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
-    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return wordpiece_tokenizer(WORDS + ["."])
 
 
 def text(rng: random.Random, n: int) -> str:

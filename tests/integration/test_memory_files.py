@@ -20,6 +20,8 @@ from torch import nn
 
 from pluglm.memory import FORMAT_VERSION, KnowledgeMemory, MemoryFormatError
 
+from conftest import wordpiece_tokenizer
+
 REPO = Path(__file__).resolve().parents[2]
 TEXTS = ["The capital of France is Paris.", "Water boils at 100 degrees.",
          "Ünïcödé text — with \"quotes\",\nnewlines\tand tabs.", "",  # "" replaced below
@@ -28,20 +30,8 @@ TEXTS[3] = "emoji 🙂 and 中文 characters"
 
 
 def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
     words = sorted({w.strip(".,\"—🙂").lower() for t in TEXTS for w in t.split()} - {""})
-    vocab = {w: i for i, w in enumerate(specials + words + [".", ",", "\"", "—"])}
-    tk = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
-    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tk.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]")
+    return wordpiece_tokenizer(words + [".", ",", "\"", "—"], mask_token=False)
 
 
 class Encoder(nn.Module):

@@ -24,6 +24,8 @@ from pluglm import KnowledgeMemory, PlugLMConfig, PlugLMForMaskedLM
 from pluglm.safe_save import (CHECKSUMS_FILE, CheckpointError, from_pretrained_safe,
                               save_pretrained_atomic)
 
+from conftest import wordpiece_tokenizer
+
 REPO = Path(__file__).resolve().parents[2]
 WORDS = ["the", "cat", "sat", "on", "mat", "paris", "is", "capital", "of", "france", "water",
          "boils", "at", "degrees", "moon", "sea"]
@@ -52,17 +54,7 @@ def same_weights(a: dict, b: dict) -> bool:
 
 
 def tokenizer():
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
-    tk = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
-    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return wordpiece_tokenizer(WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ from torch import nn
 
 from pluglm.memory import KnowledgeMemory, MemorySnapshot
 
+from conftest import wordpiece_tokenizer
+
 WORDS = ["the", "cat", "sat", "on", "mat", "it", "was", "good", "bad", "dog", "ran", "fast",
          "paris", "is", "capital", "of", "france", "water", "boils", "at", "hundred", "degrees",
          "a", "an", "and", "or", "not", "very", "blue", "sky", "sea", "moon"]
@@ -27,19 +29,7 @@ def _vocab(extra: int = 0) -> dict[str, int]:
 
 
 def fast_tokenizer(extra: int = 0):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = _vocab(extra)
-    tk = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
-    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    tk.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return wordpiece_tokenizer(list(_vocab(extra))[len(SPECIALS):])
 
 
 def slow_tokenizer(tmp_path):
