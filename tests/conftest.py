@@ -55,6 +55,40 @@ def wordpiece_tokenizer(tokens, *, mask_token: bool = True):
                                    cls_token="[CLS]", sep_token="[SEP]", **extra)
 
 
+def run_child_until_killed(argv: list[str], env: dict, signal_file=None, stage: str = "", *,
+                           while_paused=None, timeout: float = 120.0) -> None:
+    """Run a child process that must die by SIGKILL mid-save. With ``signal_file``, wait
+    until the child creates it (it paused at ``stage``), run ``while_paused()`` (e.g. read
+    the files a concurrent reader would see), then SIGKILL it; without, the child kills
+    itself. Fails if the child exits on its own first, never reaches the stage, or ends by
+    anything but SIGKILL; never leaves it running."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = b""
+    try:
+        if signal_file is not None:
+            deadline = time.monotonic() + timeout
+            while not signal_file.exists():
+                if proc.poll() is not None:
+                    _, err = proc.communicate()
+                    raise AssertionError(f"child exited before {stage}: {err.decode()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"child never reached {stage}")
+                time.sleep(0.02)
+            if while_paused is not None:
+                while_paused()
+            os.kill(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out64, ref64 = out.detach().to(torch.float64), ref.detach().to(torch.float64)
     denom = ref64.norm().item()

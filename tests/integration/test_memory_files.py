@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from torch import nn
 
 from pluglm.memory import FORMAT_VERSION, KnowledgeMemory, MemoryFormatError
 
-from conftest import wordpiece_tokenizer
+from conftest import run_child_until_killed, wordpiece_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 TEXTS = ["The capital of France is Paris.", "Water boils at 100 degrees.",
@@ -166,26 +163,8 @@ def _kill_mid_save(path: Path, stage: str, tmp_path: Path, *, exchange: bool = T
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if not exchange:
         env["_PLUGLM_SAVE_NO_EXCHANGE"] = "1"
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while not signal_file.exists():
-            if proc.poll() is not None:
-                out, err = proc.communicate()
-                raise AssertionError(f"child exited before {stage}: {err.decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"child never reached {stage}")
-            time.sleep(0.02)
-        if while_paused is not None:
-            while_paused()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    run_child_until_killed([sys.executable, "-c", CHILD, str(path)], env, signal_file, stage,
+                           while_paused=while_paused, timeout=60)
 
 
 @pytest.mark.parametrize("stage,exchange,expect", [

@@ -10,11 +10,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ from pluglm import KnowledgeMemory, PlugLMConfig, PlugLMForMaskedLM
 from pluglm.safe_save import (CHECKSUMS_FILE, CheckpointError, from_pretrained_safe,
                               save_pretrained_atomic)
 
-from conftest import wordpiece_tokenizer
+from conftest import run_child_until_killed, wordpiece_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = ["the", "cat", "sat", "on", "mat", "paris", "is", "capital", "of", "france", "water",
@@ -110,27 +107,9 @@ def _run_child(path: Path, mode: str, crash: str, tmp_path: Path, *, exchange: b
         extra = {"_PLUGLM_SAVE_PAUSE_AT": crash, "_PLUGLM_SAVE_SIGNAL": str(signal_file)}
         if not exchange:
             extra["_PLUGLM_SAVE_NO_EXCHANGE"] = "1"
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path), mode, crash],
-                            env=_child_env(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        if crash != "write":
-            deadline = time.monotonic() + 120
-            while not signal_file.exists():
-                if proc.poll() is not None:
-                    _, err = proc.communicate()
-                    raise AssertionError(f"child exited before {crash}: {err.decode()[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"child never reached {crash}")
-                time.sleep(0.02)
-            if while_paused is not None:
-                while_paused()
-            os.kill(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    run_child_until_killed([sys.executable, "-c", CHILD, str(path), mode, crash],
+                           _child_env(extra), None if crash == "write" else signal_file, crash,
+                           while_paused=while_paused)
 
 
 def _plus_one(w: dict) -> dict:
