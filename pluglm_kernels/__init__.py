@@ -15,7 +15,16 @@ from . import _backends
 _backends.load_extension()  # registers torch.ops.pluglm._C_* when built
 
 from . import reference  # noqa: E402
-from ._backends import BACKENDS, backend_report, cuda_built, resolve  # noqa: E402
+from ._backends import (  # noqa: E402
+    BACKENDS,
+    availability,
+    backend_report,
+    cuda_built,
+    load_extension,
+    resolve,
+    triton_interpret,
+    triton_status,
+)
 from .functional import (  # noqa: E402
     attentive_pool,
     encode_knowledge,
@@ -24,10 +33,20 @@ from .functional import (  # noqa: E402
     mips_topk,
     quantize_keys,
 )
+from .functional import MAX_K  # noqa: E402
+
+# Float dtypes a key or value table may hold (int8 keys need per-row scales: quantize_keys).
+FLOAT_TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
+    "FLOAT_TABLE_DTYPES",
+    "MAX_K",
+    "availability",
+    "load_extension",
+    "triton_interpret",
+    "triton_status",
     "attentive_pool",
     "backend_report",
     "cuda_built",
