@@ -143,9 +143,9 @@ def read_source(path: str, *, text_field: str = "text", source_field: str | None
 def pack(groups: list[Group], tokenizer, max_length: int) -> tuple[list[str], list[str]]:
     """Greedily join consecutive paragraphs of each group into texts of at most max_length
     tokens (special tokens included). Returns (texts, their sources)."""
-    from .memory import _special_layout
+    from .memory.tokenize import special_layout
 
-    prefix, suffix = _special_layout(tokenizer)
+    prefix, suffix = special_layout(tokenizer)
     budget = max_length - len(prefix) - len(suffix)
     if budget < 8:
         raise CLIError(f"--max-length {max_length} leaves {budget} tokens for text; use at least "

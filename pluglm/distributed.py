@@ -67,7 +67,7 @@ def shard_bounds(M: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def _rank_world(group) -> tuple[int, int]:
+def rank_world(group) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1  # no process group: this process holds the whole table
     return dist.get_rank(group), dist.get_world_size(group)
@@ -153,7 +153,7 @@ def sharded_search(queries: torch.Tensor, k: int, local_keys: torch.Tensor, glob
         if local_valid.dtype != torch.bool or tuple(local_valid.shape) != (local_keys.shape[0],):
             raise ValueError(f"local_valid must be bool [{local_keys.shape[0]}] (one flag per local row)")
         local_valid = local_valid.to(local_keys.device)
-    rank, world = _rank_world(group)
+    rank, world = rank_world(group)
     dev = _comm_device(local_keys, group)
     B, d = queries.shape
     finite = int(bool(torch.isfinite(queries).all())) if queries.numel() else 1
@@ -233,7 +233,7 @@ def fetch_rows(global_ids: torch.Tensor, local_rows: torch.Tensor, global_offset
         raise TypeError("global_ids must be an integer torch.Tensor")
     if not isinstance(local_rows, torch.Tensor) or local_rows.dim() < 1:
         raise TypeError("local_rows must be a torch.Tensor [M_local, ...]")
-    rank, world = _rank_world(group)
+    rank, world = rank_world(group)
     dev = _comm_device(local_rows, group)
     ids = global_ids.detach().reshape(-1).to(device=dev, dtype=torch.int64)  # [R]
     R = ids.numel()
@@ -410,7 +410,7 @@ def save_local_shard(directory: str | os.PathLike, tensors: dict[str, torch.Tens
     [global_offset, global_offset + M_local)) as one shard; rank 0 writes the manifest once
     all shards are on disk. The shards must tile the global table."""
     tensors = _check_tensors(tensors)
-    rank, world = _rank_world(group)
+    rank, world = rank_world(group)
     directory = Path(directory)
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)

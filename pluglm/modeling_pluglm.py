@@ -29,6 +29,7 @@ when the memory has no ``sources_of``).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -253,6 +254,45 @@ class PlugLMPooler(nn.Module):
         return torch.tanh(self.dense(h[:, 0]))
 
 
+def _encode_entries(emb: "PlugLMEmbeddings", knowledge_encoder: "PlugLMKnowledgeEncoder",
+                    backend: str, token_ids, attention_mask):
+    """The document encoder (module docstring): entries [E, L] -> (keys [E, key_dim],
+    values [E, d]), read through ``emb``'s tables and ``knowledge_encoder``."""
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2:
+        raise ValueError(f"token_ids must have shape [E, L], got "
+                         f"{tuple(getattr(token_ids, 'shape', ()))}")
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != token_ids.shape:
+        raise ValueError(f"attention_mask must be the raw 0/1 mask of token_ids' shape "
+                         f"{tuple(token_ids.shape)}, got {tuple(getattr(attention_mask, 'shape', ()))}")
+    pool = knowledge_encoder.pooler
+    device = emb.word_embeddings.weight.device
+    pooled = pluglm_kernels.encode_knowledge(
+        token_ids.to(device), attention_mask.to(device), emb.word_embeddings.weight,
+        emb.position_embeddings.weight, emb.token_type_embeddings.weight, emb.LayerNorm.weight,
+        emb.LayerNorm.bias, pool.w1, pool.b1, pool.w2, pool.b2, eps=emb.LayerNorm.eps,
+        backend=backend)  # [E, d]
+    return knowledge_encoder.key_proj(pooled), knowledge_encoder.value_proj(pooled)
+
+
+class _MemoryEncoderCopy(nn.Module):
+    """Frozen copies of the modules ``encode_memory`` reads (embeddings, document pooler, W_k,
+    W_v), encoding through the same ``_encode_entries`` as the model: what
+    ``memory_encoder_snapshot`` returns for a background key refresh."""
+
+    def __init__(self, plug: "PlugLMModel"):
+        super().__init__()
+        self.embeddings = copy.deepcopy(plug.embeddings)
+        self.knowledge_encoder = copy.deepcopy(plug.knowledge_encoder)
+        self.backend = plug.config.kernel_backend
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def encode_memory(self, token_ids, attention_mask):
+        return _encode_entries(self.embeddings, self.knowledge_encoder, self.backend,
+                               token_ids, attention_mask)
+
+
 # ------------------------------------------------------------------------ memory adapters
 
 def _compiling() -> bool:
@@ -396,6 +436,12 @@ class PlugLMPreTrainedModel(PreTrainedModel):
         [E, L] raw 0/1; moved to the model's device when elsewhere."""
         return self._plug._encode_memory(token_ids, attention_mask)
 
+    def memory_encoder_snapshot(self) -> nn.Module:
+        """A frozen copy (no grad, eval mode) of what ``encode_memory`` reads: the embedding
+        tables and LayerNorm, the document pooler, W_k and W_v, nothing else. The key
+        refresher encodes with it while training keeps updating the live weights."""
+        return _MemoryEncoderCopy(self._plug)
+
     def precompute_tables(self, *, dtype: torch.dtype | None = None, chunk_size: int = 65536):
         """Inference option (multi_head only): project every stored value once per memory
         layer and read the projections with the fused gather op in eval. Costs 2·M·d
@@ -500,21 +546,8 @@ class PlugLMModel(PlugLMPreTrainedModel):
         self.embeddings.word_embeddings = value
 
     def _encode_memory(self, token_ids, attention_mask):
-        if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2:
-            raise ValueError(f"token_ids must have shape [E, L], got "
-                             f"{tuple(getattr(token_ids, 'shape', ()))}")
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != token_ids.shape:
-            raise ValueError(f"attention_mask must be the raw 0/1 mask of token_ids' shape "
-                             f"{tuple(token_ids.shape)}, got {tuple(getattr(attention_mask, 'shape', ()))}")
-        emb = self.embeddings
-        pool = self.knowledge_encoder.pooler
-        device = emb.word_embeddings.weight.device
-        pooled = pluglm_kernels.encode_knowledge(
-            token_ids.to(device), attention_mask.to(device), emb.word_embeddings.weight,
-            emb.position_embeddings.weight, emb.token_type_embeddings.weight, emb.LayerNorm.weight,
-            emb.LayerNorm.bias, pool.w1, pool.b1, pool.w2, pool.b2, eps=emb.LayerNorm.eps,
-            backend=self.config.kernel_backend)  # [E, d]
-        return self.knowledge_encoder.key_proj(pooled), self.knowledge_encoder.value_proj(pooled)
+        return _encode_entries(self.embeddings, self.knowledge_encoder, self.config.kernel_backend,
+                               token_ids, attention_mask)
 
     def _reading_memory(self, memory):
         """The object the memory layers read for this forward (see the module docstring)."""
