@@ -37,10 +37,10 @@ import torch
 import torch.distributed as dist
 
 import pluglm_kernels
+from pluglm_kernels import MAX_K
 
 from . import _io
 
-MAX_K = 2048
 FORMAT_NAME = "pluglm.sharded_table"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"

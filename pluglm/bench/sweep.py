@@ -29,7 +29,7 @@ def _search_impls(device: str, faiss_ok: bool, M: int, quick: bool):
     impls = []
     dev = torch.device(device)
     for be in ("cuda", "triton", "cpu"):
-        if pk._backends.availability("mips_topk", be, dev.type)[0]:
+        if pk.availability("mips_topk", be, dev.type)[0]:
             impls.append((f"pluglm[{be}]", be))
     if not impls:
         impls.append(("pluglm[reference]", "reference"))

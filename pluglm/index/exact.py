@@ -28,9 +28,8 @@ import numpy as np
 import torch
 
 import pluglm_kernels
-
-MAX_K = 2048
-KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from pluglm_kernels import MAX_K
+from pluglm_kernels import FLOAT_TABLE_DTYPES
 METRICS = ("ip",)
 
 UPDATE_POLICIES = {
@@ -121,7 +120,7 @@ class SearchIndex(abc.ABC):
             raise TypeError(f"{name} must be a torch.Tensor [n, {self.dim}], got {type(keys).__name__}")
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"{name} must have shape [n, {self.dim}], got {tuple(keys.shape)}")
-        if keys.dtype not in KEY_DTYPES:
+        if keys.dtype not in FLOAT_TABLE_DTYPES:
             raise TypeError(f"{name} must be float32/float16/bfloat16, got {keys.dtype}")
         if n is not None and keys.shape[0] != n:
             raise ValueError(f"{name} must have one row per id ({n}), got {keys.shape[0]}")
