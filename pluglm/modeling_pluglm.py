@@ -791,6 +791,22 @@ class PlugLMForTokenClassification(PlugLMPreTrainedModel):
                      logits=logits, hidden_states=out.hidden_states)
 
 
+def register_auto_classes() -> None:
+    """Map ``model_type="pluglm"`` to these classes in ``AutoConfig``, ``AutoModel`` and the
+    ``AutoModelFor*`` heads. Runs when this module is imported (so the Auto classes know
+    PlugLM whenever its classes exist); calling it again replaces the entries."""
+    import transformers
+
+    transformers.AutoConfig.register(PlugLMConfig.model_type, PlugLMConfig, exist_ok=True)
+    for auto, model in (("AutoModel", PlugLMModel), ("AutoModelForMaskedLM", PlugLMForMaskedLM),
+                        ("AutoModelForSequenceClassification", PlugLMForSequenceClassification),
+                        ("AutoModelForQuestionAnswering", PlugLMForQuestionAnswering),
+                        ("AutoModelForTokenClassification", PlugLMForTokenClassification)):
+        getattr(transformers, auto).register(PlugLMConfig, model, exist_ok=True)
+
+
+register_auto_classes()
+
 __all__ = [
     "PlugLMForMaskedLM",
     "PlugLMForQuestionAnswering",

@@ -124,7 +124,8 @@ def model_sizes(cfg: SweepConfig) -> tuple:
 def bench_model_forward(cfg: SweepConfig, progress=None, task=None) -> list[Row]:
     """A full PlugLM forward in BERT-base geometry (12 layers, d=768, top layer a memory layer)
     over M; our search and kernels vs the same model searching with torch.topk(q @ K.T)."""
-    from pluglm import PlugLMConfig, PlugLMModel
+    from pluglm.configuration_pluglm import PlugLMConfig
+    from pluglm.modeling_pluglm import PlugLMModel
 
     rows: list[Row] = []
     dev = torch.device(cfg.device)

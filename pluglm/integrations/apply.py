@@ -43,7 +43,7 @@ from pluglm.nn import RetrievalOutput
 
 from .encoder import ATTACH_NAME, LiveEncodedMemory, PlugLMEncoder
 from .families import detect, shapes
-from .read import QUERY_MODES, QUERY_NORMS, MemoryRead, _Context
+from .read import QUERY_MODES, QUERY_NORMS, MemoryRead, ReadContext
 
 _CTX = "_pluglm_context"
 
@@ -170,11 +170,11 @@ def _release_mask(module, args, kwargs, output):
         stack.pop()
 
 
-def _install_context(model: nn.Module, base: nn.Module) -> _Context:
+def _install_context(model: nn.Module, base: nn.Module) -> ReadContext:
     ctx = model.__dict__.get(_CTX)
     if ctx is not None:
         return ctx
-    ctx = _Context()
+    ctx = ReadContext()
     for m in dict.fromkeys((model, base)):  # base may be model itself
         m.__dict__[_CTX] = ctx
         m.register_forward_pre_hook(_capture_mask, with_kwargs=True)

@@ -24,7 +24,7 @@ no past (``past_len == 0``); a call whose past length does not match the state (
 caller interleaved, a cache cropped) pools over its current chunk only and warns once.
 Beam search reorders the KV cache but not this state: use greedy or sampling decoding.
 
-The mask and past length come from a ``_Context`` that a forward pre-hook on the top-level
+The mask and past length come from a ``ReadContext`` that a forward pre-hook on the top-level
 model fills (HF FFN blocks never receive the attention mask); with no context every token is
 real and there is no past.
 """
@@ -46,7 +46,7 @@ QUERY_NORMS = ("batch", "layer", "none")
 _POOL_BLOCK_ELEMS = 1 << 22
 
 
-class _Context:
+class ReadContext:
     """What the top-level model's forward pre-hook saw, for the FFN-level memory reads.
 
     A stack, because a wrapped model (``BertForMaskedLM`` -> ``BertModel``) fires the hook
