@@ -1,4 +1,4 @@
-"""A key table sharded across the ranks of a ``torch.distributed`` group (DESIGN.md §6).
+"""A key table sharded across the ranks of a ``torch.distributed`` group (docs/design.md §4).
 
 Each rank holds a contiguous row range [global_offset, global_offset + M_local) of the
 global table (``shard_bounds`` gives the balanced split). ``sharded_search`` runs

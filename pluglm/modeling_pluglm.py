@@ -1,4 +1,4 @@
-"""PlugLM models (DESIGN.md §1): a post-LN BERT whose top ``num_memory_layers`` layers read
+"""PlugLM models (docs/design.md §1): a post-LN BERT whose top ``num_memory_layers`` layers read
 a plug-in memory instead of a full FFN.
 
 Classes: ``PlugLMModel`` (backbone, optional BERT pooler) and the heads

@@ -1,4 +1,4 @@
-"""ShardedKnowledgeMemory: one rank's contiguous part of a KnowledgeMemory (DESIGN.md §6).
+"""ShardedKnowledgeMemory: one rank's contiguous part of a KnowledgeMemory (docs/design.md §4).
 
 A memory of G entries is split over the ranks of a ``torch.distributed`` group: rank r
 holds rows ``[global_offset, global_offset + M_local)`` (``pluglm.distributed.shard_bounds``)

@@ -1,4 +1,4 @@
-"""Memory-entry encoder for a Hugging Face host model (DESIGN.md §1's document encoder,
+"""Memory-entry encoder for a Hugging Face host model (docs/design.md §1's document encoder,
 generalised to any supported family).
 
 ``PlugLMEncoder.encode_memory(token_ids [E, L], attention_mask [E, L])
@@ -139,7 +139,7 @@ class PlugLMEncoder(nn.Module):
 
 
 class LiveEncodedMemory:
-    """Stale keys for the search, fresh keys for the gradient (DESIGN.md §1).
+    """Stale keys for the search, fresh keys for the gradient (docs/design.md §1).
 
     Wraps a memory that can give its entries' tokens (``token_ids_of(ids [B, N]) ->
     (token ids [B, N, L], mask [B, N, L])``, as ``KnowledgeMemory`` does): ``search`` uses

@@ -8,7 +8,7 @@ the residual, the FFN and the normalisation (see ``apply.py`` for the per-family
 
 Two query modes:
 
-* ``"sequence"`` (encoders; DESIGN.md §1): one query per sequence,
+* ``"sequence"`` (encoders; docs/design.md §1): one query per sequence,
   ``q = norm(W_q AttnPool(x, mask))`` over the sequence's real tokens; all its tokens read the
   same N entries. With ``query_norm="batch"`` this is exactly MemoryLayer's query.
 * ``"causal"`` (decoders): one query per token, pooled over that token's prefix only,

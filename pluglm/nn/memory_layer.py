@@ -1,4 +1,4 @@
-"""A PlugLM memory layer usable in any model (DESIGN.md §1), and a simple tensor memory.
+"""A PlugLM memory layer usable in any model (docs/design.md §1), and a simple tensor memory.
 
 ``MemoryLayer(...)(A, attention_mask, memory)`` with A [B, T, d] the output of the
 self-attention block and attention_mask [B, T] the raw 0/1 padding mask (not the -10000
@@ -266,7 +266,7 @@ def _memory_token(memory) -> tuple:
 
 
 class MemoryLayer(nn.Module):
-    """Plug-in memory layer (DESIGN.md §1): retrieval + knowledge attention + reduced FFN.
+    """Plug-in memory layer (docs/design.md §1): retrieval + knowledge attention + reduced FFN.
 
     Args:
       hidden_size: d. num_heads: heads of the knowledge attention. key_dim: query/key width.

@@ -1,5 +1,5 @@
 """PlugLM model classes (issue 5 items 1, 2, 5, 8): config, the model against a
-straightforward reference implementation of DESIGN.md §1 (outputs and every gradient, eval
+straightforward reference implementation of docs/design.md §1 (outputs and every gradient, eval
 with stored values and training with stale-key search + fresh re-encode), heads, Auto-class
 round trips, memory plumbing, SyncBatchNorm conversion, explain() and torch.compile.
 
@@ -196,7 +196,7 @@ def ref_encode_docs(P, ids, mask, eps):
 
 def ref_model(model, ids, mask, memory, training):
     """Last hidden state [B, T, d], MLM logits [B, T, V] and the retrieved indices per memory
-    layer, written out from DESIGN.md §1 with the model's own parameter tensors."""
+    layer, written out from docs/design.md §1 with the model's own parameter tensors."""
     cfg = model.config
     P = dict(model.named_parameters())
     bufs = dict(model.named_buffers())
