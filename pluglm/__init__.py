@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from ._version import __version__
+from ._version import __version__  # noqa: F401  (pluglm.__version__)
 
 # public name -> the module (relative to this package) that defines it
 _LAZY = {

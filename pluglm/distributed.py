@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import pluglm_kernels
 from pluglm_kernels import MAX_K
 
 from . import _io
+from .topk import exact_topk, merge_topk
 
 FORMAT_NAME = "pluglm.sharded_table"
 FORMAT_VERSION = 1
@@ -95,34 +95,15 @@ def _comm_device(t: torch.Tensor, group) -> torch.device:
     return t.device
 
 
-def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidates [B, c] (-inf / -1 marks none) -> top k [B, k] by (score desc, id asc)."""
-    valid = ids >= 0
-    big = torch.iinfo(torch.int64).max
-    order = torch.sort(torch.where(valid, ids, torch.full_like(ids, big)), dim=1, stable=True).indices
-    s, i = scores.gather(1, order), ids.gather(1, order)
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
-    return s.gather(1, order).contiguous(), i.gather(1, order).contiguous()
-
-
 def local_topk(queries: torch.Tensor, k: int, local_keys: torch.Tensor, global_offset: int,
                local_valid: torch.Tensor | None = None, *, key_scales: torch.Tensor | None = None,
                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """This shard's top-k with global ids, padded: (scores [B, k] f32, ids [B, k] int64)."""
-    B = queries.shape[0]
-    n = local_keys.shape[0] if local_valid is None else int(local_valid.sum())
-    kk = min(k, n)
-    s = torch.full((B, k), float("-inf"), dtype=torch.float32, device=local_keys.device)
-    i = torch.full((B, k), -1, dtype=torch.int64, device=local_keys.device)
-    if kk > 0:
-        q = queries.detach().to(local_keys.device)
-        if q.dtype != local_keys.dtype:
-            q = q.to(torch.float32)
-        ls, li = pluglm_kernels.mips_topk(q, local_keys, kk, key_scales=key_scales,
-                                          valid=local_valid, backend=backend)
-        s[:, :kk] = ls
-        i[:, :kk] = torch.where(li >= 0, li + global_offset, li)
-    return s, i
+    # queries already in the keys' (half) dtype are searched as they are, others in float32
+    qdt = queries.dtype if queries.dtype == local_keys.dtype else torch.float32
+    s, i = exact_topk(queries, local_keys, k, valid=local_valid, key_scales=key_scales,
+                      backend=backend, query_dtype=qdt, pad=True)
+    return s, torch.where(i >= 0, i + global_offset, i)
 
 
 def sharded_search(queries: torch.Tensor, k: int, local_keys: torch.Tensor, global_offset: int, *,

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # modules of its own layer (without a cycle) and of the layers below, never above.
 LAYERS = (
     ("kernels", ("pluglm_kernels",)),
-    ("foundation", ("pluglm._version", "pluglm._io")),
+    ("foundation", ("pluglm._version", "pluglm._io", "pluglm.topk")),
     ("nn", ("pluglm.nn",)),
     ("search", ("pluglm.index", "pluglm.distributed")),
     ("memory", ("pluglm.memory", "pluglm.sharded_memory", "pluglm.encoders", "pluglm.safe_save")),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-import pluglm_kernels
+from ..topk import exact_topk
 
 
 def as_ids(name: str, ids, M: int, device=None) -> torch.Tensor:
@@ -132,9 +132,8 @@ class MemorySnapshot:
         """queries [B, key_dim] -> (scores [B, k] float32 descending, ids [B, k] int64), on
         the memory's device; only searchable rows (valid, encoded, not stale, finite)."""
         self.check_search(queries, k)
-        mask = None if self.num_searchable == len(self) else self.searchable
-        q = queries.detach().to(device=self.keys.device, dtype=torch.float32)
-        return pluglm_kernels.mips_topk(q, self.keys, k, valid=mask, backend=backend)
+        return exact_topk(queries, self.keys, k, valid=self.searchable,
+                          num_valid=self.num_searchable, backend=backend)
 
     def check_search(self, queries, k) -> None:
         """The argument checks of ``search`` (shared by every search backend)."""

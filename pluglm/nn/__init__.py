@@ -1,7 +1,7 @@
 """Drop-in PlugLM modules for any model, built on the ``pluglm_kernels`` ops.
 
-Depends only on torch and pluglm_kernels (never transformers), so it imports alone:
-``AttentivePool``, ``KnowledgeAttention`` (+ ``cosine_bias``), ``MemoryLayer`` with its
+Depends only on torch, pluglm_kernels and ``pluglm.topk`` (never transformers), so it
+imports alone: ``AttentivePool``, ``KnowledgeAttention`` (+ ``cosine_bias``), ``MemoryLayer`` with its
 ``Memory`` protocol, the ``TensorMemory`` implementation and ``RetrievalOutput``.
 """
 from .knowledge_attention import ATTENTION_TYPES, KnowledgeAttention, cosine_bias

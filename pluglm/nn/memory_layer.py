@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pluglm_kernels
-
+from ..topk import exact_topk
 from .knowledge_attention import ATTENTION_TYPES, KnowledgeAttention, cosine_bias
 from .pooling import AttentivePool
 
@@ -146,15 +145,7 @@ class TensorMemory:
         No gradient. q is moved to the keys' device and compared in float32 (float64 for
         float64 keys, which only the reference backend runs).
         """
-        keys = self._keys
-        backend = self.backend
-        if keys.dtype == torch.float64:
-            qdtype = torch.float64
-            backend = "reference" if backend == "auto" else backend
-        else:
-            qdtype = torch.float32
-        q = q.detach().to(device=keys.device, dtype=qdtype)
-        return pluglm_kernels.mips_topk(q, keys, k, valid=self._valid, backend=backend)
+        return exact_topk(q, self._keys, k, valid=self._valid, backend=self.backend)
 
     def fetch_keys(self, indices: torch.Tensor) -> torch.Tensor:
         """Stored keys of ``indices`` [B, N]: [B, N, key_dim]."""
