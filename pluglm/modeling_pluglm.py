@@ -46,7 +46,7 @@ from transformers.modeling_outputs import (
 )
 
 import pluglm_kernels
-from pluglm.nn import AttentivePool, KnowledgeAttention, MemoryLayer
+from pluglm.nn import AttentivePool, KnowledgeAttention, LiveEncodedMemory, MemoryLayer
 from pluglm.nn.memory_layer import Memory
 
 from .configuration_pluglm import PlugLMConfig
@@ -293,47 +293,6 @@ class _MemoryEncoderCopy(nn.Module):
                                token_ids, attention_mask)
 
 
-# ------------------------------------------------------------------------ memory adapters
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
-class _LiveEncodedMemory:
-    """Stale-key search, fresh re-encode: ``search`` reads the memory's stored keys;
-    ``fetch`` re-encodes the retrieved entries from their token ids with the live encoder
-    (each distinct entry once per batch), so the result is differentiable in the encoder."""
-
-    def __init__(self, memory, encoder: "PlugLMModel"):
-        self.memory = memory
-        self.encoder = encoder
-
-    def search(self, q, k):
-        return self.memory.search(q, k)
-
-    def fetch(self, indices):
-        """indices [B, N] -> (keys [B, N, key_dim], values [B, N, d]) from the live encoder."""
-        B, N = indices.shape
-        device = self.encoder.device
-        if _compiling():
-            uniq, inv = indices.reshape(-1), None
-        else:
-            uniq, inv = torch.unique(indices.reshape(-1), return_inverse=True)  # [U], [B*N]
-        ids, mask = self.memory.token_ids_of(uniq.view(1, -1))  # [1, U, L] each
-        ids = ids.reshape(uniq.shape[0], -1).to(device, non_blocking=True)  # [U, L]
-        mask = mask.reshape(uniq.shape[0], -1).to(device, non_blocking=True)  # [U, L]
-        if not _compiling():
-            # Drop columns that are padding in every retrieved entry (positions stay absolute,
-            # so this is exact for any padding side): entries are usually far shorter than L.
-            used = mask.ne(0).any(0).nonzero()
-            last = int(used.max()) + 1 if used.numel() else 1
-            ids, mask = ids[:, :last], mask[:, :last]
-        keys, values = self.encoder.encode_memory(ids, mask)  # [U, key_dim], [U, d]
-        if inv is not None:
-            keys, values = keys[inv], values[inv]
-        return keys.view(B, N, -1), values.view(B, N, -1)
-
-
 # ------------------------------------------------------------------------------- models
 
 class PlugLMPreTrainedModel(PreTrainedModel):
@@ -557,7 +516,7 @@ class PlugLMModel(PlugLMPreTrainedModel):
         if reencode is True or (self.training and torch.is_grad_enabled()) \
                 or not isinstance(getattr(memory, "values", None), torch.Tensor) \
                 or not callable(getattr(memory, "fetch", None)):
-            return _LiveEncodedMemory(memory, self)
+            return LiveEncodedMemory(memory, self, always=True)
         return memory
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,

@@ -39,9 +39,9 @@ import types
 import torch
 from torch import nn
 
-from pluglm.nn import RetrievalOutput
+from pluglm.nn import LiveEncodedMemory, RetrievalOutput
 
-from .encoder import ATTACH_NAME, LiveEncodedMemory, PlugLMEncoder
+from .encoder import ATTACH_NAME, PlugLMEncoder
 from .families import detect, shapes
 from .read import QUERY_MODES, QUERY_NORMS, MemoryRead, ReadContext
 

@@ -39,6 +39,7 @@ from torch import nn
 from ..topk import exact_topk
 from .knowledge_attention import ATTENTION_TYPES, KnowledgeAttention, cosine_bias
 from .pooling import AttentivePool
+from .read import LiveEncodedMemory, fetch_entries, search_entries
 
 
 class RetrievalOutput(NamedTuple):
@@ -357,27 +358,19 @@ class MemoryLayer(nn.Module):
             raise ValueError("no memory: pass memory= or call set_memory(memory) first")
 
         q = self.compute_query(A, attention_mask)  # [B, key_dim]
-        scores, indices = memory.search(q.detach(), self.memory_k)  # [B, N] each, no grad
         N = self.memory_k
-        if tuple(indices.shape) != (B, N):
-            raise ValueError(f"memory.search returned indices of shape {tuple(indices.shape)}, "
-                             f"expected [B={B}, N={N}]")
-        indices = indices.to(device=A.device, dtype=torch.int64)
-
-        if self._tables_usable():
+        scores, indices = search_entries(memory, q, N)  # [B, N] each, no grad
+        # a memory re-encoded on every read (reencode=True) never reads precomputed tables
+        if self._tables_usable() and not (isinstance(memory, LiveEncodedMemory) and memory.always):
             tables = self._ensure_tables(memory)
             keys = (memory.fetch_keys(indices) if hasattr(memory, "fetch_keys")
                     else memory.fetch(indices)[0])
             bias = cosine_bias(q, self._check_keys(keys, B, N).to(A.device))  # [B, N]
             mem = self.knowledge_attention.forward_gathered(A, tables[0], tables[1], indices, bias)
         else:
-            keys, values = memory.fetch(indices)
-            keys = self._check_keys(keys, B, N).to(A.device)
-            if not isinstance(values, torch.Tensor) or tuple(values.shape) != (B, N, self.value_dim):
-                raise ValueError(f"memory.fetch returned values of shape "
-                                 f"{tuple(getattr(values, 'shape', ()))}, expected [B, N, {self.value_dim}]")
+            keys, values = fetch_entries(memory, indices, self.key_dim, self.value_dim)
             bias = cosine_bias(q, keys)  # [B, N]
-            mem = self.knowledge_attention(A, values.to(device=A.device, dtype=A.dtype), bias)
+            mem = self.knowledge_attention(A, values.to(dtype=A.dtype), bias)
 
         h = A + mem
         if self.ffn is not None:

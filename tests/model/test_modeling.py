@@ -27,9 +27,8 @@ from pluglm.modeling_pluglm import (
     PlugLMForTokenClassification,
     PlugLMModel,
     PlugLMRetrieval,
-    _LiveEncodedMemory,
 )
-from pluglm.nn import TensorMemory
+from pluglm.nn import LiveEncodedMemory, TensorMemory
 
 RTOL = {torch.float64: 1e-10, torch.float32: 5e-5}
 # Gradients pass back through three post-LN layers and a training-mode BatchNorm over five
@@ -391,7 +390,7 @@ def test_live_fetch_dedups_repeats_exactly(fresh_seed):
     model = randomize_(PlugLMModel(tiny_config(kernel_backend="reference"))).double()
     mem = build_memory(model)
     idx = torch.tensor([[3, 7, 3], [7, 7, 0]])
-    keys, values = _LiveEncodedMemory(mem, model).fetch(idx)
+    keys, values = LiveEncodedMemory(mem, model, always=True).fetch(idx)
     rk, rv = model.encode_memory(mem.token_ids[idx].reshape(6, -1), mem.mask[idx].reshape(6, -1))
     assert_close(keys, rk.view(2, 3, -1), torch.float64, "keys")
     assert_close(values, rv.view(2, 3, -1), torch.float64, "values")
