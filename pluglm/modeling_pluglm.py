@@ -47,19 +47,13 @@ from transformers.modeling_outputs import (
 
 import pluglm_kernels
 from pluglm.nn import AttentivePool, KnowledgeAttention, LiveEncodedMemory, MemoryLayer
+from pluglm.nn.activations import activation
 from pluglm.nn.memory_layer import Memory
 
 from .configuration_pluglm import PlugLMConfig
 
-_ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu,
-        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "tanh": torch.tanh}
-
-
 def _act(name: str):
-    if name not in _ACT:
-        raise ValueError(f"hidden_act must be one of {sorted(_ACT)}, got {name!r}")
-    return _ACT[name]
+    return activation(name, "hidden_act")
 
 
 class PlugLMRetrieval(NamedTuple):
@@ -225,7 +219,11 @@ class PlugLMMemoryBlock(nn.Module):
         return self.memory(a, mask, memory, return_retrieval=True)
 
 
-class PlugLMEncoder(nn.Module):
+class PlugLMLayerStack(nn.Module):
+    """The transformer layers (BERT's ``encoder``: state-dict names ``encoder.layer.i...``);
+    not to be confused with ``pluglm.PlugLMEncoder``, the memory-entry encoder of
+    ``apply_pluglm``."""
+
     def __init__(self, config: PlugLMConfig):
         super().__init__()
         first_mem = config.num_hidden_layers - config.num_memory_layers
@@ -491,7 +489,7 @@ class PlugLMModel(PlugLMPreTrainedModel):
     def __init__(self, config: PlugLMConfig, add_pooling_layer: bool = True):
         super().__init__(config)
         self.embeddings = PlugLMEmbeddings(config)
-        self.encoder = PlugLMEncoder(config)
+        self.encoder = PlugLMLayerStack(config)
         self.knowledge_encoder = PlugLMKnowledgeEncoder(config)
         self.pooler = PlugLMPooler(config) if add_pooling_layer else None
         self.__dict__["_memory"] = None

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from pluglm.nn import LiveEncodedMemory, RetrievalOutput
+from pluglm.nn.activations import ACTIVATIONS
 
 from .encoder import ATTACH_NAME, PlugLMEncoder
 from .families import detect, shapes
@@ -56,10 +57,13 @@ class ReducedFFN(nn.Module):
 
     def __init__(self, hidden_size: int, dim: int, act: str, dropout: float, init_std: float):
         super().__init__()
-        from transformers.activations import ACT2FN
-
         self.fc_in = nn.Linear(hidden_size, dim)
-        self.act = ACT2FN[act]
+        if act in ACTIVATIONS:
+            self.act = ACTIVATIONS[act]
+        else:  # a host activation PlugLM's table does not name
+            from transformers.activations import ACT2FN
+
+            self.act = ACT2FN[act]
         self.fc_out = nn.Linear(dim, hidden_size)
         self.dropout = nn.Dropout(dropout)
         for lin in (self.fc_in, self.fc_out):

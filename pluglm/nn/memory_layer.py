@@ -33,10 +33,10 @@ import weakref
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..topk import exact_topk
+from .activations import activation
 from .knowledge_attention import ATTENTION_TYPES, KnowledgeAttention, cosine_bias
 from .pooling import AttentivePool
 from .read import LiveEncodedMemory, fetch_entries, search_entries
@@ -217,23 +217,13 @@ class TensorMemory:
 # ---------------------------------------------------------------------------------- layer
 
 
-def _gelu_tanh(x):
-    return F.gelu(x, approximate="tanh")
-
-
-_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": _gelu_tanh, "gelu_tanh": _gelu_tanh,
-                "gelu_pytorch_tanh": _gelu_tanh, "relu": F.relu, "silu": F.silu, "swish": F.silu}
-
-
 class LinearAct(nn.Linear):
     """act(W x + b): the published ``LinearActivation`` (same state-dict names)."""
 
     def __init__(self, in_features: int, out_features: int, act: str = "gelu"):
         super().__init__(in_features, out_features)
-        if act not in _ACTIVATIONS:
-            raise ValueError(f"ffn_act must be one of {sorted(_ACTIVATIONS)}, got {act!r}")
+        self._fn = activation(act, "ffn_act")
         self.act = act
-        self._fn = _ACTIVATIONS[act]
 
     def forward(self, x):
         return self._fn(super().forward(x))
