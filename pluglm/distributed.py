@@ -252,52 +252,6 @@ def fetch_rows(global_ids: torch.Tensor, local_rows: torch.Tensor, global_offset
     return out.reshape(tuple(global_ids.shape) + row_shape).to(local_rows.device)
 
 
-@dataclass
-class ShardedKeys:
-    """This rank's part of a sharded key table (global ids kept).
-
-    local_keys [M_local, d] are rows [global_offset, global_offset + M_local) of a table of
-    global_size rows; local_valid optional bool [M_local].
-    """
-
-    local_keys: torch.Tensor
-    global_offset: int
-    global_size: int
-    local_valid: torch.Tensor | None = None
-    key_scales: torch.Tensor | None = None
-
-    def __post_init__(self):
-        n = self.local_keys.shape[0]
-        if not 0 <= self.global_offset <= self.global_offset + n <= self.global_size:
-            raise ValueError(f"rows [{self.global_offset}, {self.global_offset + n}) do not fit in a "
-                             f"table of global_size={self.global_size}")
-
-    @classmethod
-    def from_global(cls, keys: torch.Tensor, rank: int, world_size: int,
-                    valid: torch.Tensor | None = None) -> "ShardedKeys":
-        """Slice the balanced shard of ``rank`` out of the whole table keys [M, d] (a view)."""
-        start, stop = shard_bounds(keys.shape[0], rank, world_size)
-        return cls(keys[start:stop], start, keys.shape[0],
-                   None if valid is None else valid[start:stop])
-
-    @property
-    def local_range(self) -> tuple[int, int]:
-        return self.global_offset, self.global_offset + self.local_keys.shape[0]
-
-    def search(self, queries: torch.Tensor, k: int, *, group=None, queries_differ: bool = False,
-               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-        return sharded_search(queries, k, self.local_keys, self.global_offset, group=group,
-                              local_valid=self.local_valid, queries_differ=queries_differ,
-                              key_scales=self.key_scales, backend=backend)
-
-    def fetch(self, global_ids: torch.Tensor, local_rows: torch.Tensor, *, group=None,
-              ids_differ: bool = False) -> torch.Tensor:
-        if local_rows.shape[0] != self.local_keys.shape[0]:
-            raise ValueError(f"local_rows must have one row per local key ({self.local_keys.shape[0]}), "
-                             f"got {local_rows.shape[0]}")
-        return fetch_rows(global_ids, local_rows, self.global_offset, group=group, ids_differ=ids_differ)
-
-
 # ----------------------------------------------------------------------------- files
 
 def _shard_file(i: int, n: int, tag: str) -> str:

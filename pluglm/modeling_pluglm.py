@@ -26,6 +26,10 @@ the backbone's own embedding tables (fused ``pluglm_kernels.encode_knowledge``, 
 ``output_retrieval=True`` adds ``retrieval``: per memory layer a ``PlugLMRetrieval`` with
 ``indices`` [B, N] int64, ``scores`` [B, N] float32 and ``sources`` (nested lists, or None
 when the memory has no ``sources_of``).
+
+Files: ``save_pretrained`` is transformers' own, in-place save; the crash-safe save (and the
+checksum-verifying load) is ``pluglm.safe_save.save_pretrained_atomic`` /
+``from_pretrained_safe`` (docs/design.md §7).
 """
 from __future__ import annotations
 
