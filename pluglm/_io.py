@@ -213,3 +213,22 @@ def replace_dir(tmp: Path, target: Path) -> None:
     fsync_dir(parent)
     save_checkpoint("after_swap")
     shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare_target(path, marker: str, what: str) -> Path:
+    """Get ready to save a directory at ``path``: refuse to replace a file, or a non-empty
+    directory that is not a saved ``what`` (no ``marker`` file in it); create the parent;
+    finish or roll back an interrupted swap and remove dead leftovers. Returns the absolute
+    target (then write into ``temp_sibling(target)`` and ``replace_dir``)."""
+    target = Path(path).absolute()
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"{target} exists and is not a directory")
+        if any(target.iterdir()) and not (target / marker).is_file():
+            raise FileExistsError(f"{target} exists and is not a saved {what} (no {marker}); "
+                                  f"refusing to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(target)
+    cleanup_leftovers(target)
+    return target
+

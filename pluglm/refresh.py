@@ -90,7 +90,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .memory.encode import check_encoded, length_batches, table_dtype
+from .memory.encode import check_encoded, encoder_device, length_batches, table_dtype
 
 __all__ = ["AsyncKeyRefresher"]
 
@@ -100,15 +100,7 @@ _PRIORITIES = {"low": 0, "normal": 0, "high": -1}
 
 
 def _module_device(model) -> torch.device:
-    dev = getattr(model, "device", None)
-    if isinstance(dev, torch.device):
-        return dev
-    if isinstance(model, nn.Module):
-        for t in model.parameters():
-            return t.device
-        for t in model.buffers():
-            return t.device
-    return torch.device("cpu")
+    return encoder_device(model) or torch.device("cpu")
 
 
 @torch.no_grad()

@@ -99,16 +99,7 @@ def save_pretrained_atomic(model, save_directory: str | os.PathLike, *, tokenize
     if kwargs.get("safe_serialization") is False:
         raise ValueError("safe_serialization=False writes pickle files; pluglm checkpoints are "
                          "safetensors only")
-    target = Path(save_directory).absolute()
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"{target} exists and is not a directory")
-        if any(target.iterdir()) and not (target / CONFIG_FILE).is_file():
-            raise FileExistsError(f"{target} exists and is not a saved model (no {CONFIG_FILE}); "
-                                  f"refusing to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _io.recover_dir(target)
-    _io.cleanup_leftovers(target)
+    target = _io.prepare_target(save_directory, CONFIG_FILE, "model")
     tmp = _io.temp_sibling(target)
     try:
         model.save_pretrained(str(tmp), **kwargs)

@@ -417,15 +417,7 @@ class ShardedKnowledgeMemory:
         status: list = [None, None]  # [error, temporary directory]
         if rank == 0:
             try:
-                if target.exists():
-                    if not target.is_dir():
-                        raise FileExistsError(f"{target} exists and is not a directory")
-                    if any(target.iterdir()) and not (target / META_FILE).is_file():
-                        raise FileExistsError(f"{target} exists and is not a saved sharded memory "
-                                              f"(no {META_FILE}); refusing to replace it")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _io.recover_dir(target)
-                _io.cleanup_leftovers(target)
+                _io.prepare_target(target, META_FILE, "sharded memory")
                 status[1] = str(_io.temp_sibling(target))
             except OSError as e:
                 status[0] = f"{type(e).__name__}: {e}"

@@ -189,6 +189,12 @@ def test_no_private_names_imported():
     assert not bad, "\n".join(bad)
 
 
+def _run(code: str) -> None:
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("module", ["pluglm", "pluglm.nn", "pluglm.memory", "pluglm.index",
                                     "pluglm.refresh", "pluglm.integrations", "pluglm_kernels"])
 def test_torch_only_layers_import_without_transformers(module):
@@ -196,9 +202,7 @@ def test_torch_only_layers_import_without_transformers(module):
             "bad = sorted(m for m in ('transformers', 'faiss', 'rich', 'pluglm.modeling_pluglm') "
             "if m in sys.modules)\n"
             "assert not bad, bad\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _run(code)
 
 
 def test_root_names_resolve_and_register_the_auto_classes():
@@ -215,6 +219,4 @@ def test_root_names_resolve_and_register_the_auto_classes():
             "assert type(AutoModelForMaskedLM.from_config(cfg)) is PlugLMForMaskedLM\n"
             "assert sorted(pluglm.__all__) == sorted(n for n in dir(pluglm) if n in pluglm.__all__)\n"
             "import pluglm.nn as nn_; assert pluglm.nn is nn_\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _run(code)

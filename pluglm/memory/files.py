@@ -43,16 +43,7 @@ def save_snapshot(s: MemorySnapshot, path: str | os.PathLike) -> None:
     only if it is a saved memory (or empty)."""
     from safetensors.torch import save_file
 
-    target = Path(path).absolute()
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"{target} exists and is not a directory")
-        if any(target.iterdir()) and not (target / MANIFEST_FILE).is_file():
-            raise FileExistsError(f"{target} exists and is not a saved KnowledgeMemory "
-                                  f"(no {MANIFEST_FILE}); refusing to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _io.recover_dir(target)
-    _io.cleanup_leftovers(target)
+    target = _io.prepare_target(path, MANIFEST_FILE, "KnowledgeMemory")
     tensors = {"token_ids": s.token_ids, "lengths": s.lengths, "valid": s.valid,
                "stale": s.stale, "source_index": s.source_index}
     if s.keys is not None:
