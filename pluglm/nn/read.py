@@ -61,11 +61,13 @@ class LiveEncodedMemory:
     (each distinct entry once per call, padding columns that no retrieved entry uses cut
     off), so the gradient reaches the encoder. With ``always=False`` it does that only while
     the encoder is training with grad enabled and otherwise returns the stored keys and
-    values; ``always=True`` re-encodes on every fetch (the caller decided). Other attributes
-    (keys, values, version, sources_of, ...) are the wrapped memory's.
+    values; ``always=True`` re-encodes on every fetch (the caller decided). ``dedupe=False``
+    encodes every retrieved slot separately (for an encoder whose output is random per call,
+    e.g. with dropout). Other attributes (keys, values, version, sources_of, ...) are the
+    wrapped memory's.
     """
 
-    def __init__(self, memory, encoder, *, always: bool = False):
+    def __init__(self, memory, encoder, *, always: bool = False, dedupe: bool = True):
         if not callable(getattr(memory, "token_ids_of", None)):
             raise TypeError(f"LiveEncodedMemory needs a memory with token_ids_of(ids), got "
                             f"{type(memory).__name__}")
@@ -74,6 +76,7 @@ class LiveEncodedMemory:
         self.memory = memory
         self.encoder = encoder
         self.always = bool(always)
+        self.dedupe = bool(dedupe)
 
     def search(self, q: torch.Tensor, k: int):
         return self.memory.search(q, k)
@@ -85,7 +88,7 @@ class LiveEncodedMemory:
             return self.memory.fetch(indices)
         B, N = indices.shape
         compiling = torch.compiler.is_compiling()
-        if compiling:  # data-dependent shapes would break the graph
+        if compiling or not self.dedupe:  # compiling: data-dependent shapes break the graph
             uniq, inv = indices.reshape(-1), None
         else:
             uniq, inv = torch.unique(indices.reshape(-1), return_inverse=True)  # [U], [B*N]
@@ -110,7 +113,7 @@ class LiveEncodedMemory:
         return self.memory.fetch_keys(indices)
 
     def __getattr__(self, name):  # keys, values, version, sources_of, ...: the memory's
-        if name in ("memory", "encoder", "always"):
+        if name in ("memory", "encoder", "always", "dedupe"):
             raise AttributeError(name)
         return getattr(self.memory, name)
 
