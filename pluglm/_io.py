@@ -232,3 +232,22 @@ def prepare_target(path, marker: str, what: str) -> Path:
     cleanup_leftovers(target)
     return target
 
+
+def check_listed_file(path: Path, info, listed_in: Path, error: type[Exception], *,
+                      verify: bool = True, missing: type[Exception] = FileNotFoundError) -> None:
+    """A file that the manifest ``listed_in`` lists with ``{"bytes", "sha256"}``: present, of
+    that size and (``verify``) that checksum. Raises ``error`` (``missing`` for an absent
+    file) naming the file."""
+    if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) \
+            or not isinstance(info.get("sha256"), str):
+        raise error(f"{listed_in}: no size/checksum entry for "
+                    f"{Path(path).relative_to(listed_in.parent).as_posix()}")
+    if not path.is_file():
+        raise missing(f"{path}: missing (listed in {listed_in.name})")
+    size = path.stat().st_size
+    if size != info["bytes"]:
+        raise error(f"{path}: {size} bytes but {listed_in.name} says {info['bytes']} "
+                    f"(truncated or modified)")
+    if verify and sha256_file(path) != info["sha256"]:
+        raise error(f"{path}: sha256 checksum mismatch (corrupted or modified)")
+

@@ -156,19 +156,7 @@ def read_snapshot(root: Path, device: torch.device, mmap: bool, verify: bool) ->
     specs = field("tensors", dict)
 
     for name in (TENSORS_FILE, TEXTS_FILE):
-        fpath = root / name
-        info = files.get(name)
-        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) \
-                or not isinstance(info.get("sha256"), str):
-            raise MemoryFormatError(f"{mpath}: no size/checksum entry for {name}")
-        if not fpath.is_file():
-            raise FileNotFoundError(f"{fpath}: missing (listed in {MANIFEST_FILE})")
-        size = fpath.stat().st_size
-        if size != info["bytes"]:
-            raise MemoryFormatError(f"{fpath}: {size} bytes but the manifest says {info['bytes']} "
-                                    f"(truncated or modified)")
-        if verify and _io.sha256_file(fpath) != info["sha256"]:
-            raise MemoryFormatError(f"{fpath}: sha256 checksum mismatch (corrupted or modified)")
+        _io.check_listed_file(root / name, files.get(name), mpath, MemoryFormatError, verify=verify)
 
     tpath = root / TENSORS_FILE
     want = {"token_ids", "lengths", "valid", "stale", "source_index"}
