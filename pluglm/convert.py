@@ -142,6 +142,8 @@ def published_config(sd: dict[str, torch.Tensor], doc_max_length: int | None = N
         if k in ("num_attention_heads", "knowledge_attention") and k in cfg and cfg[k] != v:
             raise PublishedCheckpointError(f"{k}={v!r} contradicts the checkpoint ({cfg[k]!r})")
     cfg.update(overrides)
+    # the published knowledge attention drops out with the self-attention's probability
+    cfg.setdefault("memory_attention_dropout", cfg.get("attention_probs_dropout_prob", 0.1))
     if cfg.get("compat") != "published":
         raise ValueError("a converted checkpoint runs with compat='published' only")
     return PlugLMConfig(**cfg)
@@ -275,10 +277,10 @@ def knowledge_memory_from_token_ids(arr, *, vocab_size: int, pad_token_id: int =
     Entries carry no text (``texts_of`` gives empty strings)."""
     import numpy as np
 
-    from .memory import KnowledgeMemory, MemorySnapshot, _token_dtype
+    from .memory import KnowledgeMemory, MemorySnapshot
 
     M, L = (int(x) for x in arr.shape)
-    tok_dtype = _token_dtype(vocab_size)
+    tok_dtype = torch.int16 if vocab_size <= 32768 else torch.int32
     token_ids = torch.empty(M, L, dtype=tok_dtype)
     lengths = torch.empty(M, dtype=torch.int32)
     col = torch.arange(1, L + 1)

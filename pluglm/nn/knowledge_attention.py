@@ -68,7 +68,6 @@ class KnowledgeAttention(nn.Module):
       attention_type: "multi_head" or "sentence_level" (see the module docstring).
       dropout: attention-probability dropout used in training mode (0.1 in the published model).
       backend: passed to the pluglm_kernels ops ("auto" picks the fastest available).
-
       head_major_output: the published layout (see the module docstring); multi_head only.
 
     Parameters (multi_head): q_proj Linear(d, d), k_proj Linear(dv, d), v_proj Linear(dv, d),

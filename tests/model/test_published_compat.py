@@ -486,3 +486,51 @@ def test_published_pooling_formula_and_no_overflow():
         AttentivePool(8, denominator_eps=0.0)
     with pytest.raises(ValueError, match="compat"):
         PlugLMConfig(compat="original")
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_converted_model_float32_auto_backend_matches(train):
+    """The same check in float32 on the fastest built kernels ("auto": C++ CPU here)."""
+    seed = int(torch.randint(0, 2**31, ()))
+    sd = random_published(seed)
+    model = converted({k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
+                      kernel_backend="auto")
+    assert next(model.parameters()).dtype == torch.float32
+    docs = random_docs(seed)
+    mem = memory_with_stale_keys(docs, seed + 1)
+    model.set_memory(mem, reencode=True)
+    model.train(train)
+    ids, mask = batch(seed)
+    ref, ref_I = published_forward(random_published(seed, aliases=False), ids, mask, mem.keys.double(),
+                                   torch.from_numpy(docs.astype(np.int64)), train=train)
+    out = model(ids, attention_mask=mask, output_retrieval=True)
+    assert [r.indices.tolist() for r in out.retrieval] == [I.tolist() for I in ref_I]
+    assert rel(out.logits, ref) < 1e-5
+
+
+def test_reencode_dropout_only_in_the_training_reencode():
+    """Published point 3: the embedding dropout hits the training re-encode of retrieved
+    entries (one mask per retrieved slot), never encode_memory or the refresher's encoder."""
+    from pluglm.modeling_pluglm import _LiveEncodedMemory
+    from pluglm.refresh import snapshot_encoder
+
+    seed = int(torch.randint(0, 2**31, ()))
+    model = converted(random_published(seed), hidden_dropout_prob=0.5)
+    docs = torch.from_numpy(random_docs(seed).astype(np.int64))
+    mem = convert.knowledge_memory_from_token_ids(docs.numpy(), vocab_size=GEOM["V"])
+    idx = torch.tensor([[0, 3, 3], [5, 0, 1]])  # a repeated entry: two slots, two masks
+    ids, m = docs[idx.reshape(-1)], (docs[idx.reshape(-1)] != 0).long()
+    model.eval()
+    with torch.no_grad():
+        k_eval, v_eval = model.encode_memory(ids, m)
+        live = _LiveEncodedMemory(mem, model.bert)
+        k_live, _ = live.fetch(idx)
+        assert rel(k_live.reshape(-1, GEOM["key"]), k_eval) < TOL
+        model.train()
+        k_train, v_train = model.encode_memory(ids, m)  # refresh / encode: never dropout
+        assert torch.equal(k_train, k_eval) and torch.equal(v_train, v_eval)
+        assert torch.equal(snapshot_encoder(model).encode_memory(ids, m)[0], k_eval)
+        k1, _ = live.fetch(idx)
+        k2, _ = live.fetch(idx)
+    assert rel(k1, k_live) > 1e-3 and rel(k2, k1) > 1e-3
+    assert not torch.equal(k1[0, 1], k1[0, 2])  # the repeated entry got its own mask
