@@ -17,9 +17,9 @@ Guarantees:
   under several names; those copies must be equal), or is a constant buffer with its
   expected value. Anything else, and any of our tensors left without a source, raises
   :class:`PublishedCheckpointError` naming them;
-* the output is written atomically: ``OUT`` is a ``save_pretrained`` checkpoint
-  (safetensors, config with ``compat="published"``, loadable with the Auto classes) and
-  ``OUT/memory`` the encoded memory.
+* ``OUT`` is a ``save_pretrained`` checkpoint (safetensors, config with
+  ``compat="published"``, loadable with the Auto classes) and ``OUT/memory`` the encoded
+  memory, each written atomically (the model first, then the memory).
 """
 from __future__ import annotations
 

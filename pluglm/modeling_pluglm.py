@@ -62,6 +62,7 @@ PUBLISHED_POOL_EPS = 1e-8  # the published attentive pooling's denominator term
 def _pool_eps(config) -> float | None:
     return PUBLISHED_POOL_EPS if "pool_denominator" in config.published_differences else None
 
+
 _ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu,
         "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "tanh": torch.tanh}
