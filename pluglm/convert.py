@@ -268,13 +268,14 @@ def _open_knowledge(path):
 
 def knowledge_memory_from_token_ids(arr, *, vocab_size: int, pad_token_id: int = 0,
                                     chunk_rows: int = 65536, source: str = KNOWLEDGE_SOURCE,
-                                    where: str = "knowledge"):
+                                    where: str = "knowledge", tokenizer=None):
     """A KnowledgeMemory (not yet encoded) from an [M, L] array of token ids padded with
     ``pad_token_id`` (e.g. a memory-mapped .npy), copied ``chunk_rows`` rows at a time.
 
     Padding must be trailing: the published encoder masks ``ids != pad`` and pluglm stores a
     length per entry, which agree only then (checked; an entry with a pad id inside raises).
-    Entries carry no text (``texts_of`` gives empty strings)."""
+    Entries carry no text (``texts_of`` gives empty strings) unless ``tokenizer`` (the one
+    that made the ids) is given: then each entry's text is its decoded ids (held in RAM)."""
     import numpy as np
 
     from .memory import KnowledgeMemory, MemorySnapshot
@@ -284,6 +285,7 @@ def knowledge_memory_from_token_ids(arr, *, vocab_size: int, pad_token_id: int =
     token_ids = torch.empty(M, L, dtype=tok_dtype)
     lengths = torch.empty(M, dtype=torch.int32)
     col = torch.arange(1, L + 1)
+    texts = [] if tokenizer is not None else None
     for s in range(0, M, chunk_rows):
         e = min(M, s + chunk_rows)
         t = torch.from_numpy(np.asarray(arr[s:e]).astype(np.int64))  # [c, L]
@@ -298,19 +300,42 @@ def knowledge_memory_from_token_ids(arr, *, vocab_size: int, pad_token_id: int =
                                            f"{pad_token_id} before its last token")
         token_ids[s:e] = t.to(tok_dtype)
         lengths[s:e] = n.to(torch.int32)
+        if texts is not None:
+            texts += tokenizer.batch_decode([r[:k] for r, k in zip(t.tolist(), n.tolist())],
+                                            skip_special_tokens=True)
     ones = torch.ones(M, dtype=torch.bool)
     snap = MemorySnapshot(
         token_ids=token_ids, lengths=lengths, keys=None, values=None, valid=ones,
         stale=ones.clone(), finite=ones.clone(), source_index=torch.zeros(M, dtype=torch.int32),
-        sources=(source,), texts=("",) * M, rev=torch.arange(M, dtype=torch.int64), version=0,
-        vocab_size=vocab_size, tokenizer_name="published PlugLM (BERT uncased vocabulary)",
+        sources=(source,), texts=tuple(texts) if texts is not None else ("",) * M,
+        rev=torch.arange(M, dtype=torch.int64), version=0, vocab_size=vocab_size,
+        tokenizer_name=(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+                        if tokenizer is not None else "published PlugLM (BERT uncased vocabulary)"),
         pad_token_id=pad_token_id, max_length=L)
-    return KnowledgeMemory(snap)
+    return KnowledgeMemory(snap, tokenizer)
+
+
+def load_vocab_tokenizer(path):
+    """A tokenizer from ``path``: a local tokenizer directory, or a WordPiece vocabulary
+    file (one token per line, like the published ``vocab/vocab``) read as uncased BERT."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer, BertTokenizer
+
+    path = Path(path)
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+    with tempfile.TemporaryDirectory() as d:  # the one layout every transformers version reads
+        shutil.copyfile(path, Path(d) / "vocab.txt")
+        return BertTokenizer.from_pretrained(d, do_lower_case=True)
 
 
 # ---------------------------------------------------------------------------- entry point
 
-def from_published(checkpoint, out=None, *, knowledge=None, batch_size: int = 256,
+def from_published(checkpoint, out=None, *, knowledge=None, tokenizer=None, batch_size: int = 256,
                    chunk_rows: int = 65536, device="cpu", progress: bool = True,
                    **config_overrides):
     """Convert a published checkpoint (and optionally its knowledge base).
@@ -320,7 +345,8 @@ def from_published(checkpoint, out=None, *, knowledge=None, batch_size: int = 25
       None writes nothing. knowledge: path of the published ``tokenized_wiki.npy``; its
       entries are streamed into a KnowledgeMemory ``chunk_rows`` at a time and encoded
       (keys and values) by the converted model on ``device``, ``batch_size`` entries at a
-      time. config_overrides: PlugLMConfig fields the shapes do not fix (e.g. memory_k).
+      time. tokenizer: the knowledge base's tokenizer, to store each entry's text (for
+      ``texts_of`` / ``explain``); without it entries have no text. config_overrides: PlugLMConfig fields the shapes do not fix (e.g. memory_k).
 
     Returns (model, memory): a ``PlugLMForMaskedLM`` in eval mode with compat="published"
     and the memory plugged in, and the memory (None without ``knowledge``).
@@ -341,7 +367,8 @@ def from_published(checkpoint, out=None, *, knowledge=None, batch_size: int = 25
     if arr is not None:
         memory = knowledge_memory_from_token_ids(arr, vocab_size=config.vocab_size,
                                                  pad_token_id=config.pad_token_id,
-                                                 chunk_rows=chunk_rows, where=str(knowledge))
+                                                 chunk_rows=chunk_rows, where=str(knowledge),
+                                                 tokenizer=tokenizer)
         memory.encode(model, batch_size=batch_size, progress=progress)
         model.set_memory(memory)
     if out is not None:
@@ -357,7 +384,9 @@ def from_published(checkpoint, out=None, *, knowledge=None, batch_size: int = 25
 
 def _cmd(args) -> int:
     overrides = {} if args.memory_k is None else {"memory_k": args.memory_k}
+    tokenizer = load_vocab_tokenizer(args.tokenizer) if args.tokenizer else None
     model, memory = from_published(args.checkpoint, args.out, knowledge=args.knowledge,
+                                   tokenizer=tokenizer,
                                    batch_size=args.batch_size, device=args.device,
                                    progress=not args.no_progress, **overrides)
     c = model.config
@@ -378,6 +407,9 @@ def add_parser(sub) -> None:
     s.add_argument("checkpoint", help="the published .pt (read with torch.load(weights_only=True))")
     s.add_argument("--knowledge", default=None, metavar="NPY",
                    help="tokenized_wiki.npy: encoded into OUT/memory (read with allow_pickle=False)")
+    s.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="vocabulary file (the published vocab/vocab) or tokenizer folder: "
+                        "stores each entry's decoded text (default: entries without text)")
     s.add_argument("--out", required=True, help="output directory (a save_pretrained checkpoint)")
     s.add_argument("--memory-k", type=int, default=None, help="entries retrieved per sequence (default 5)")
     s.add_argument("--batch-size", type=int, default=256, help="entries per encoder batch (default 256)")
@@ -388,4 +420,5 @@ def add_parser(sub) -> None:
 
 __all__ = ["PublishedCheckpointError", "from_published", "load_published_state_dict",
            "published_config", "convert_state_dict", "knowledge_memory_from_token_ids",
+           "load_vocab_tokenizer",
            "add_parser"]

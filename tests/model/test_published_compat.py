@@ -313,18 +313,26 @@ def test_converted_memory_and_checkpoint_round_trip(tmp_path):
 
 
 def test_cli_convert_published(tmp_path, capsys):
+    from pluglm import KnowledgeMemory
     from pluglm.cli import main
 
     sd = random_published(3)
     torch.save(sd, tmp_path / "ckpt.pt")
-    np.save(tmp_path / "wiki.npy", random_docs(3))
+    docs = random_docs(3)
+    np.save(tmp_path / "wiki.npy", docs)
+    # a vocabulary file like the published vocab/vocab: one token per line
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(5, GEOM["V"])]
+    (tmp_path / "vocab").write_text("\n".join(words) + "\n")
     rc = main(["convert-published", str(tmp_path / "ckpt.pt"), "--knowledge", str(tmp_path / "wiki.npy"),
-               "--out", str(tmp_path / "out"), "--no-progress", "--memory-k", "2"])
+               "--out", str(tmp_path / "out"), "--no-progress", "--memory-k", "2",
+               "--tokenizer", str(tmp_path / "vocab")])
     assert rc == 0, capsys.readouterr().err
     assert "37 memory entries" in capsys.readouterr().out
     assert PlugLMConfig.from_pretrained(tmp_path / "out").memory_k == 2
     assert (tmp_path / "out" / "model.safetensors").is_file()
-    assert (tmp_path / "out" / "memory" / "manifest.json").is_file()
+    mem = KnowledgeMemory.load(tmp_path / "out" / "memory")
+    expect = " ".join(words[i] for i in docs[6] if i > 4)
+    assert mem.texts_of(torch.tensor([6]))[0] == expect
 
 
 def test_converter_fails_loudly(tmp_path, capsys):
