@@ -123,6 +123,9 @@ class PlugLMConfig(PretrainedConfig):
         self.memory_attention_dropout = memory_attention_dropout
         self.kernel_backend = kernel_backend
         self.compat = compat
+        if compat == "published":
+            # its decoder is its own matrix: transformers must never tie it on load
+            kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
     @property

@@ -292,6 +292,10 @@ def test_converted_memory_and_checkpoint_round_trip(tmp_path):
     assert model.config.doc_max_length == DOC_LEN
     loaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
     assert type(loaded) is PlugLMForMaskedLM and loaded.cls.predictions.decoder is not None
+    # loaded untied, with the published decoder (not tied to the word embeddings on load)
+    assert torch.equal(loaded.cls.predictions.decoder.weight, sd["cls.predictions.decoder.weight"])
+    assert not torch.equal(loaded.cls.predictions.decoder.weight,
+                           loaded.bert.embeddings.word_embeddings.weight)
     mem2 = KnowledgeMemory.load(tmp_path / "out" / "memory")
     assert len(mem2) == M_DOCS and mem2.lengths.tolist() == (docs != 0).sum(1).tolist()
     # keys and values are what the converted model encodes
