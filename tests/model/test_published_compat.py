@@ -546,3 +546,19 @@ def test_reencode_dropout_only_in_the_training_reencode():
         k2, _ = live.fetch(idx)
     assert rel(k1, k_live) > 1e-3 and rel(k2, k1) > 1e-3
     assert not torch.equal(k1[0, 1], k1[0, 2])  # the repeated entry got its own mask
+
+
+def test_published_eval_compiles_fullgraph():
+    """compat="published" adds no graph break: the eval forward compiles as one graph."""
+    torch._dynamo.reset()
+    seed = int(torch.randint(0, 2**31, ()))
+    model = converted({k: v.float() if v.is_floating_point() else v
+                       for k, v in random_published(seed).items()}, kernel_backend="auto").eval()
+    gen = torch.Generator().manual_seed(seed)
+    model.set_memory(TensorMemory(torch.randn(20, GEOM["key"], generator=gen),
+                                  torch.randn(20, GEOM["d"], generator=gen)))
+    ids, mask = batch(seed)
+    with torch.no_grad():
+        eager = model(ids, attention_mask=mask).logits
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, attention_mask=mask).logits
+    assert rel(got, eager) < 1e-5
