@@ -23,6 +23,12 @@ Document encoder (``encode_memory``): ``E = AttnPool_doc(LayerNorm(word + pos + 
 the backbone's own embedding tables (fused ``pluglm_kernels.encode_knowledge``, no dropout),
 ``k = W_k E + b_k`` [key_dim], ``v = W_v E + b_v`` [d].
 
+``config.compat="published"`` reproduces what the published code computes instead of the
+paper (``config.published_differences``): head-major knowledge-attention output, pooling
+denominator ``sum(exp) + 1e-8`` (in PyTorch ops, not the fused pooling kernels), embedding
+dropout when retrieved entries are re-encoded in training (never in ``encode_memory`` or a
+refresh), and a masked-LM decoder of its own (``cls.predictions.decoder.weight``).
+
 ``output_retrieval=True`` adds ``retrieval``: per memory layer a ``PlugLMRetrieval`` with
 ``indices`` [B, N] int64, ``scores`` [B, N] float32 and ``sources`` (nested lists, or None
 when the memory has no ``sources_of``).
@@ -55,6 +61,13 @@ from pluglm.nn.activations import activation
 from pluglm.nn.memory_layer import Memory
 
 from .configuration_pluglm import PlugLMConfig
+
+PUBLISHED_POOL_EPS = 1e-8  # the published attentive pooling's denominator term
+
+
+def _pool_eps(config) -> float | None:
+    return PUBLISHED_POOL_EPS if "pool_denominator" in config.published_differences else None
+
 
 def _act(name: str):
     return activation(name, "hidden_act")
@@ -216,7 +229,9 @@ class PlugLMMemoryBlock(nn.Module):
             memory_ffn_dim=config.memory_ffn_dim, ffn_act=config.hidden_act,
             attention_type=config.knowledge_attention, dropout=config.hidden_dropout_prob,
             attention_dropout=config.memory_attention_dropout,
-            layer_norm_eps=config.layer_norm_eps, backend=config.kernel_backend)
+            layer_norm_eps=config.layer_norm_eps, backend=config.kernel_backend,
+            head_major_output="head_layout" in config.published_differences,
+            pool_denominator_eps=_pool_eps(config))
 
     def forward(self, x, attn_bias, mask, memory):
         a = self.attention(x, attn_bias)
@@ -242,7 +257,8 @@ class PlugLMKnowledgeEncoder(nn.Module):
     def __init__(self, config: PlugLMConfig):
         super().__init__()
         self.pooler = AttentivePool(config.hidden_size, init_std=config.initializer_range,
-                                    backend=config.kernel_backend)
+                                    backend=config.kernel_backend,
+                                    denominator_eps=_pool_eps(config))
         self.key_proj = nn.Linear(config.hidden_size, config.key_dim)
         self.value_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
@@ -257,9 +273,10 @@ class PlugLMPooler(nn.Module):
 
 
 def _encode_entries(emb: "PlugLMEmbeddings", knowledge_encoder: "PlugLMKnowledgeEncoder",
-                    backend: str, token_ids, attention_mask):
+                    backend: str, token_ids, attention_mask, *, dropout: bool = False):
     """The document encoder (module docstring): entries [E, L] -> (keys [E, key_dim],
-    values [E, d]), read through ``emb``'s tables and ``knowledge_encoder``."""
+    values [E, d]), read through ``emb``'s tables and ``knowledge_encoder``. dropout=True:
+    the embedding dropout (compat="published", training re-encode only)."""
     if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2:
         raise ValueError(f"token_ids must have shape [E, L], got "
                          f"{tuple(getattr(token_ids, 'shape', ()))}")
@@ -268,6 +285,15 @@ def _encode_entries(emb: "PlugLMEmbeddings", knowledge_encoder: "PlugLMKnowledge
                          f"{tuple(token_ids.shape)}, got {tuple(getattr(attention_mask, 'shape', ()))}")
     pool = knowledge_encoder.pooler
     device = emb.word_embeddings.weight.device
+    if dropout or pool.denominator_eps is not None:
+        # compat="published": the embedding module's own math, then its dropout (training
+        # re-encode only) and the published pooling; the fused op has neither
+        ids = token_ids.to(device).long()
+        x = (emb.word_embeddings(ids) + emb.token_type_embeddings.weight[0]
+             + emb.position_embeddings.weight[:ids.shape[1]])  # [E, L, d]
+        x = F.dropout(emb.LayerNorm(x), emb.dropout.p, training=dropout)
+        pooled = pool(x, attention_mask.to(device))  # [E, d]
+        return knowledge_encoder.key_proj(pooled), knowledge_encoder.value_proj(pooled)
     pooled = pluglm_kernels.encode_knowledge(
         token_ids.to(device), attention_mask.to(device), emb.word_embeddings.weight,
         emb.position_embeddings.weight, emb.token_type_embeddings.weight, emb.LayerNorm.weight,
@@ -293,6 +319,33 @@ class _MemoryEncoderCopy(nn.Module):
     def encode_memory(self, token_ids, attention_mask):
         return _encode_entries(self.embeddings, self.knowledge_encoder, self.backend,
                                token_ids, attention_mask)
+
+
+class _TrainingReencoder:
+    """The document encoder as the re-encode of retrieved entries (``LiveEncodedMemory``)
+    sees it: the model's own, plus, with compat="published" in training, the embedding
+    dropout. Its output is then random per call (``stochastic``), so every retrieved slot
+    gets its own mask (no dedup)."""
+
+    def __init__(self, plug: "PlugLMModel"):
+        self.plug = plug
+
+    @property
+    def device(self) -> torch.device:
+        return self.plug.device
+
+    @property
+    def training(self) -> bool:
+        return self.plug.training
+
+    @property
+    def stochastic(self) -> bool:
+        p = self.plug
+        return (p.training and p.embeddings.dropout.p > 0
+                and "reencode_dropout" in p.config.published_differences)
+
+    def encode_memory(self, token_ids, attention_mask):
+        return self.plug._encode_memory(token_ids, attention_mask, dropout=self.stochastic)
 
 
 # ------------------------------------------------------------------------------- models
@@ -506,9 +559,9 @@ class PlugLMModel(PlugLMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
-    def _encode_memory(self, token_ids, attention_mask):
+    def _encode_memory(self, token_ids, attention_mask, *, dropout: bool = False):
         return _encode_entries(self.embeddings, self.knowledge_encoder, self.config.kernel_backend,
-                               token_ids, attention_mask)
+                               token_ids, attention_mask, dropout=dropout)
 
     def _reading_memory(self, memory):
         """The object the memory layers read for this forward (see the module docstring)."""
@@ -518,7 +571,7 @@ class PlugLMModel(PlugLMPreTrainedModel):
         if reencode is True or (self.training and torch.is_grad_enabled()) \
                 or not isinstance(getattr(memory, "values", None), torch.Tensor) \
                 or not callable(getattr(memory, "fetch", None)):
-            return LiveEncodedMemory(memory, self, always=True)
+            return LiveEncodedMemory(memory, _TrainingReencoder(self), always=True)
         return memory
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -596,15 +649,19 @@ class PlugLMPredictionHeadTransform(nn.Module):
 
 class PlugLMLMPredictionHead(nn.Module):
     """MLM head; the decoder is the word-embedding matrix itself (tied by construction, so
-    no tied-weight bookkeeping that differs between transformers versions)."""
+    no tied-weight bookkeeping that differs between transformers versions), except with
+    compat="published": that checkpoint's decoder is a matrix of its own (``decoder``)."""
 
     def __init__(self, config: PlugLMConfig):
         super().__init__()
         self.transform = PlugLMPredictionHeadTransform(config)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))  # [V]
+        self.decoder = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+                        if "untied_decoder" in config.published_differences else None)
 
     def forward(self, h, decoder_weight):
-        return F.linear(self.transform(h), decoder_weight, self.bias)  # [B, T, V]
+        w = decoder_weight if self.decoder is None else self.decoder.weight  # [V, d]
+        return F.linear(self.transform(h), w, self.bias)  # [B, T, V]
 
 
 class PlugLMOnlyMLMHead(nn.Module):

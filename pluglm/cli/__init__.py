@@ -1,8 +1,9 @@
 """The ``pluglm`` command: ``info`` (backends, devices, versions), ``bench`` (the sweep), the
-memory commands ``build-memory``, ``query``, ``explain``, ``add``, ``remove``, and ``demo``.
+memory commands ``build-memory``, ``query``, ``explain``, ``add``, ``remove``, ``demo``, and
+``convert-published``.
 
-One module per command group (``info``, ``bench``, ``memory``, ``demo``), each with an
-``add_parser(sub)`` that registers its commands; what they share is in ``common``.
+One module per command group (``info``, ``bench``, ``memory``, ``demo``, ``convert``), each
+with an ``add_parser(sub)`` that registers its commands; what they share is in ``common``.
 
 Expected errors (missing file, bad format, incompatible memory, bad arguments) print one line,
 ``pluglm <command>: error: ...``, and exit non-zero; set PLUGLM_DEBUG=1 for the traceback.
@@ -13,7 +14,7 @@ import argparse
 import os
 import sys
 
-from . import bench, demo, info, memory
+from . import bench, convert, demo, info, memory
 from .common import Parser, one_line
 
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     memory.add_parser(sub)
     demo.add_parser(sub)
+    convert.add_parser(sub)
     return p
 
 

@@ -61,13 +61,13 @@ class LiveEncodedMemory:
     (each distinct entry once per call, padding columns that no retrieved entry uses cut
     off), so the gradient reaches the encoder. With ``always=False`` it does that only while
     the encoder is training with grad enabled and otherwise returns the stored keys and
-    values; ``always=True`` re-encodes on every fetch (the caller decided). ``dedupe=False``
-    encodes every retrieved slot separately (for an encoder whose output is random per call,
-    e.g. with dropout). Other attributes (keys, values, version, sources_of, ...) are the
-    wrapped memory's.
+    values; ``always=True`` re-encodes on every fetch (the caller decided). An encoder whose
+    output is random per call (dropout) says so with a true ``stochastic`` attribute: every
+    retrieved slot is then encoded separately. Other attributes (keys, values, version,
+    sources_of, ...) are the wrapped memory's.
     """
 
-    def __init__(self, memory, encoder, *, always: bool = False, dedupe: bool = True):
+    def __init__(self, memory, encoder, *, always: bool = False):
         if not callable(getattr(memory, "token_ids_of", None)):
             raise TypeError(f"LiveEncodedMemory needs a memory with token_ids_of(ids), got "
                             f"{type(memory).__name__}")
@@ -76,7 +76,6 @@ class LiveEncodedMemory:
         self.memory = memory
         self.encoder = encoder
         self.always = bool(always)
-        self.dedupe = bool(dedupe)
 
     def search(self, q: torch.Tensor, k: int):
         return self.memory.search(q, k)
@@ -88,7 +87,8 @@ class LiveEncodedMemory:
             return self.memory.fetch(indices)
         B, N = indices.shape
         compiling = torch.compiler.is_compiling()
-        if compiling or not self.dedupe:  # compiling: data-dependent shapes break the graph
+        # compiling: data-dependent shapes would break the graph
+        if compiling or getattr(enc, "stochastic", False):
             uniq, inv = indices.reshape(-1), None
         else:
             uniq, inv = torch.unique(indices.reshape(-1), return_inverse=True)  # [U], [B*N]
@@ -113,7 +113,7 @@ class LiveEncodedMemory:
         return self.memory.fetch_keys(indices)
 
     def __getattr__(self, name):  # keys, values, version, sources_of, ...: the memory's
-        if name in ("memory", "encoder", "always", "dedupe"):
+        if name in ("memory", "encoder", "always"):
             raise AttributeError(name)
         return getattr(self.memory, name)
 
