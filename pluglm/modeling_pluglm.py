@@ -335,10 +335,6 @@ class _TrainingReencoder:
         return self.plug.device
 
     @property
-    def training(self) -> bool:
-        return self.plug.training
-
-    @property
     def stochastic(self) -> bool:
         p = self.plug
         return (p.training and p.embeddings.dropout.p > 0
