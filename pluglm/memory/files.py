@@ -52,7 +52,8 @@ def save_snapshot(s: MemorySnapshot, path: str | os.PathLike) -> None:
     texts = s.texts
     tensors = {"token_ids": s.token_ids, "lengths": s.lengths, "valid": s.valid,
                "stale": s.stale, "source_index": s.source_index,
-               "text_offsets": torch.from_numpy(texts.offsets - texts.offsets[0])}
+               "text_offsets": torch.from_numpy(texts.offsets - texts.offsets[0]),
+               "finite": s.finite}
     if s.keys is not None:
         tensors["keys"] = s.keys
     if s.key_scales is not None:
@@ -68,29 +69,40 @@ def save_snapshot(s: MemorySnapshot, path: str | os.PathLike) -> None:
         xpath = tmp / TEXTS_FILE
         xinfo = write_chunks(xpath, _blob_chunks(texts.blob[texts.offsets[0]:texts.offsets[-1]]))
         _io.save_checkpoint("files_written")
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "written_by": {"pluglm": __version__, "torch": torch.__version__},
-            "num_entries": len(s), "num_valid": s.num_valid,
-            "num_stale": int((s.valid & s.stale).sum()) if len(s) else 0,
-            "max_length": s.max_length, "token_width": s.token_ids.shape[1],
-            "pad_token_id": s.pad_token_id,
-            "tokenizer": {"name": s.tokenizer_name, "vocab_size": s.vocab_size},
-            "key_dim": s.key_dim, "value_dim": s.value_dim,
-            "sources": list(s.sources), "version": s.version,
-            "layout": layout_to_json(s.layout),
-            "tensors": {n: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)}
-                        for n, t in tensors.items()},
-            "files": {TENSORS_FILE: tinfo, TEXTS_FILE: xinfo},
-        }
-        _io.write_bytes(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
+        write_manifest(tmp, num_entries=len(s), num_valid=s.num_valid,
+                       num_stale=int((s.valid & s.stale).sum()) if len(s) else 0,
+                       max_length=s.max_length, token_width=s.token_ids.shape[1],
+                       pad_token_id=s.pad_token_id, tokenizer_name=s.tokenizer_name,
+                       vocab_size=s.vocab_size, key_dim=s.key_dim, value_dim=s.value_dim,
+                       sources=list(s.sources), version=s.version, layout=s.layout,
+                       specs={n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()},
+                       files={TENSORS_FILE: tinfo, TEXTS_FILE: xinfo})
         _io.fsync_dir(tmp)
         _io.save_checkpoint("before_swap")
         _io.replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_manifest(tmp: Path, *, num_entries, num_valid, num_stale, max_length, token_width,
+                   pad_token_id, tokenizer_name, vocab_size, key_dim, value_dim, sources,
+                   version, layout, specs, files) -> None:
+    """Write ``manifest.json`` (format 2) into the directory being saved."""
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "written_by": {"pluglm": __version__, "torch": torch.__version__},
+        "num_entries": num_entries, "num_valid": num_valid, "num_stale": num_stale,
+        "max_length": max_length, "token_width": token_width, "pad_token_id": pad_token_id,
+        "tokenizer": {"name": tokenizer_name, "vocab_size": vocab_size},
+        "key_dim": key_dim, "value_dim": value_dim, "sources": list(sources), "version": version,
+        "layout": layout_to_json(layout),
+        "tensors": {n: {"dtype": dtype_name(dt), "shape": list(shape)}
+                    for n, (dt, shape) in specs.items()},
+        "files": files,
+    }
+    _io.write_bytes(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
 
 
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
@@ -249,7 +261,7 @@ def read_snapshot(root: Path, device: torch.device, mmap: bool, verify: bool) ->
     tpath = root / TENSORS_FILE
     want = {"token_ids", "lengths", "valid", "stale", "source_index"}
     if fv >= 2:
-        want.add("text_offsets")
+        want |= {"text_offsets", "finite"}
     if key_dim is not None:
         want.add("keys")
         kspec = specs.get("keys")
@@ -307,9 +319,18 @@ def read_snapshot(root: Path, device: torch.device, mmap: bool, verify: bool) ->
     if keys is None:
         stale = torch.ones(M, dtype=torch.bool, device=dev)
     keys, values, scales = mv(keys), mv(values), mv(scales)
-    finite = finite_rows(keys, M, dev) & finite_rows(values, M, dev)
-    if scales is not None:
-        finite &= torch.isfinite(scales)
+    stored_finite = tensors.get("finite")
+    if stored_finite is not None and (stored_finite.dtype != torch.bool
+                                      or list(stored_finite.shape) != [M]):
+        raise bad(f"finite must be bool [{M}], got {dtype_name(stored_finite.dtype)} "
+                  f"{list(stored_finite.shape)}")
+    if stored_finite is not None and not verify:
+        # trusted (the file is not verified anyway): no O(M * d) scan of the mapped tables
+        finite = mv(stored_finite)
+    else:
+        finite = finite_rows(keys, M, dev) & finite_rows(values, M, dev)
+        if scales is not None:
+            finite &= torch.isfinite(scales)
     return MemorySnapshot(
         token_ids=mv(tok), lengths=mv(lengths), keys=keys, values=values, key_scales=scales,
         valid=mv(tensors["valid"]), stale=stale, finite=finite, source_index=src,
@@ -397,5 +418,6 @@ def _check_names(tpath: Path, names: set[str], want: set[str]) -> None:
                                 f"(missing {sorted(missing)}, unexpected {sorted(extra)})")
 
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_FILE", "MemoryFormatError", "TENSORS_FILE",
+__all__ = ["write_chunks", "write_manifest", "write_safetensors", "safetensors_header",
+           "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_FILE", "MemoryFormatError", "TENSORS_FILE",
            "TEXTS_FILE", "locate", "read_snapshot", "save_snapshot"]

@@ -63,10 +63,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from pluglm_kernels import FLOAT_TABLE_DTYPES, quantize_keys
+from pluglm_kernels import FLOAT_TABLE_DTYPES
 
 from ..index import FAISS_KINDS, import_faiss
-from .encode import check_encoded, encoder_device, length_batches, table_dtype
+from .encode import check_encoded, encoder_device, length_batches, store_keys, table_dtype
 from .faiss_cache import FaissIndexCache, check_faiss_options
 from .files import locate, read_snapshot, save_snapshot
 from .snapshot import MemorySnapshot, TableLayout, ValidationReport, as_ids, finite_rows
@@ -897,6 +897,19 @@ class KnowledgeMemory:
         save_snapshot(self._snap, path)
 
     @classmethod
+    def build(cls, path: str | os.PathLike, items, *, tokenizer=None, encoder=None,
+              verify: bool = False, **options) -> "KnowledgeMemory":
+        """Build a memory on disk at ``path`` from streamed ``items`` (texts or tensor
+        chunks, never held in memory at once; see :func:`pluglm.memory.build.build_memory`
+        for ``options``) and return it loaded memory-mapped."""
+        from .build import build_memory
+
+        build_memory(path, items, tokenizer=tokenizer, encoder=encoder, **options)
+        mem = cls.load(path, verify=verify)
+        mem._tokenizer = tokenizer
+        return mem
+
+    @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", mmap: bool = True,
              *, verify: bool = True) -> "KnowledgeMemory":
         """Read a memory saved by ``save``.
@@ -910,23 +923,6 @@ class KnowledgeMemory:
         return cls(read_snapshot(locate(path), torch.device(device), mmap, verify))
 
 
-def store_keys(keys: torch.Tensor, dtype: torch.dtype
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Float keys [E, d] in a table's stored form: (keys in ``dtype``, None), or for int8
-    (``pluglm_kernels.quantize_keys``: int8 [E, d], per-row float32 scales [E])."""
-    if dtype == torch.int8:
-        if not keys.dtype.is_floating_point:
-            raise TypeError(f"keys to quantise must be floating point, got {keys.dtype}")
-        # A non-finite row gets a zero key and a NaN scale: the scale keeps the record that
-        # the row is not finite (validate() re-derives finiteness from the tables).
-        bad = ~torch.isfinite(keys).all(dim=1) if keys.shape[1] else None
-        if bad is not None and bool(bad.any()):
-            q, sc = quantize_keys(keys.masked_fill(bad[:, None], 0))
-            return q, sc.masked_fill(bad, float("nan"))
-        return quantize_keys(keys)
-    return keys.to(dtype), None
-
-
 def _cat_texts(tables):
     out = tables[0]
     for t in tables[1:]:
@@ -934,4 +930,4 @@ def _cat_texts(tables):
     return out
 
 
-__all__ = ["KnowledgeMemory", "store_keys"]
+__all__ = ["KnowledgeMemory"]

@@ -21,8 +21,11 @@ class TextTable(Sequence):
     __slots__ = ("blob", "offsets")
 
     def __init__(self, blob, offsets):
-        self.blob = np.frombuffer(blob, dtype=np.uint8) if isinstance(blob, (bytes, bytearray, memoryview)) \
-            else np.asarray(blob, dtype=np.uint8)
+        if isinstance(blob, (bytes, bytearray, memoryview)):
+            blob = np.frombuffer(blob, dtype=np.uint8)
+        elif not (isinstance(blob, np.ndarray) and blob.dtype == np.uint8):
+            blob = np.asarray(blob, dtype=np.uint8)
+        self.blob = blob  # a np.memmap stays one: nothing is read until a text is
         self.offsets = np.asarray(offsets, dtype=np.int64)
         if self.offsets.ndim != 1 or self.offsets.size < 1:
             raise ValueError("offsets must be a 1-d array of M + 1 positions")

@@ -142,7 +142,7 @@ def test_format_v1_still_loads(tok, tmp_path):
     mem.save(tmp_path / "m")
     d = tmp_path / "m"
     t = load_file(d / "tensors.safetensors")
-    del t["text_offsets"]
+    del t["text_offsets"], t["finite"]
     save_file(t, d / "tensors.safetensors")
     lines = "".join(json.dumps(x) + "\n" for x in mem.texts).encode()
     (d / "texts.jsonl").write_bytes(lines)
@@ -151,7 +151,7 @@ def test_format_v1_still_loads(tok, tmp_path):
     man = json.loads((d / "manifest.json").read_text())
     man["format_version"] = 1
     man.pop("layout")
-    del man["tensors"]["text_offsets"]
+    del man["tensors"]["text_offsets"], man["tensors"]["finite"]
     man["files"] = {n: {"bytes": (d / n).stat().st_size,
                         "sha256": hashlib.sha256((d / n).read_bytes()).hexdigest()}
                     for n in ("tensors.safetensors", "texts.jsonl")}
