@@ -166,3 +166,25 @@ def test_corrupt_text_offsets_are_refused(tok, tmp_path):
         f.write(b"x")
     with pytest.raises(MemoryFormatError, match="texts.bin"):
         KnowledgeMemory.load(tmp_path / "m", verify=False)
+
+
+def test_bench_large_rows(tmp_path):
+    """``pluglm bench --large`` end to end at a tiny M: the quick sweep's row schema, a
+    memory built, loaded mapped, searched and deleted."""
+    from pluglm.bench.large import LargeConfig, run_large
+
+    cfg = LargeConfig(Ms=(3000,), Bs=(1, 4), L=16, chunk=1000, work_dir=str(tmp_path / "w"),
+                      budget_s=0.05, ceiling_bytes=1 << 22)
+    out = run_large(cfg, show_progress=False, log=lambda *a: None)
+    rows = out["rows"]
+    assert {r["bench"] for r in rows} == {"memory load (mapped)", "search (mapped memory)",
+                                          "search (large)"}
+    assert {r["shape"]["dtype"] for r in rows if r["bench"] == "search (large)"} == \
+        {"bfloat16", "float32"}
+    for r in rows:
+        assert {"bench", "impl", "shape", "median_ms", "peak_mb", "pct_roofline"} <= set(r)
+        assert r["median_ms"] > 0
+    load = next(r for r in rows if r["bench"] == "memory load (mapped)")
+    assert load["extra"]["bytes_per_entry"] > 16 * 2 + 128
+    assert set(out["ceilings"]) == {"read_gbs", "copy_gbs", "gemm_f32_gflops"}
+    assert not any((tmp_path / "w").iterdir())  # the memory is deleted when done

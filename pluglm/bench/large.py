@@ -1,0 +1,222 @@
+"""``pluglm bench --large``: memories of 1e6 to 2e7 entries on one machine (docs/design.md,
+"Out of core"; issue 14).
+
+Per M (synthetic entries, d = 128 keys, 128-token int16 entries, no value table):
+- a memory is built straight to disk with ``build_memory`` (int8 keys, int16 token ids),
+  loaded memory-mapped (load wall time, resident memory added by the load, bytes on disk
+  per entry), and searched through ``KnowledgeMemory.search`` on its mapped keys;
+- exact search at B = 1, 32, 256 over in-memory key tables of every key dtype (int8,
+  bfloat16; float32 up to 1e7), the case's peak extra memory;
+- each search row's ``pct_roofline``: its time against the ceiling that bounds it — the
+  bytes of keys it must read over the measured memory read bandwidth, or its 2·B·M·d flops
+  over the measured float32 GEMM rate, whichever takes longer. Both ceilings are measured
+  in the same run (``measure_ceilings``).
+Rows are the quick sweep's (``pluglm.bench.common.Row``).
+"""
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pluglm_kernels import quantize_keys
+
+from .common import Row, machine_info, measure
+from .measure import _proc_kb, copy_bandwidth_gbs, time_fn
+
+LARGE_MS = (1_000_000, 4_000_000, 10_000_000, 20_000_000)
+FLOAT32_MAX_M = 10_000_000
+
+
+@dataclass
+class LargeConfig:
+    Ms: tuple = LARGE_MS
+    Bs: tuple = (1, 32, 256)
+    k: int = 5
+    d: int = 128
+    L: int = 128
+    vocab: int = 30522
+    dtypes: tuple = ("int8", "bfloat16", "float32")
+    work_dir: str = ""
+    budget_s: float = 1.0
+    chunk: int = 500_000
+    ceiling_bytes: int = 1 << 30  # the bandwidth probe's size: far beyond any cache
+
+    @classmethod
+    def make(cls, max_m: int | None, work_dir: str) -> "LargeConfig":
+        Ms = tuple(m for m in LARGE_MS if max_m is None or m <= max_m) or (int(max_m),)
+        return cls(Ms=Ms, work_dir=work_dir)
+
+
+def measure_ceilings(nbytes: int = 1 << 30) -> dict:
+    """This machine's memory read bandwidth (a sum over a ``nbytes`` float32 tensor, far larger
+    than any cache), copy bandwidth, and float32 GEMM rate, measured now."""
+    x = torch.ones(nbytes // 4)
+    t = time_fn(lambda: x.sum(), "cpu", warmup=2, min_repeats=5, budget_s=1.0)
+    read_gbs = nbytes / (t.median_ms * 1e-3) / 1e9
+    del x
+    gc.collect()
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = time_fn(lambda: a @ b, "cpu", warmup=2, min_repeats=5, budget_s=1.0)
+    gemm = 2 * n ** 3 / (t.median_ms * 1e-3) / 1e9
+    return {"read_gbs": round(read_gbs, 2), "copy_gbs": round(copy_bandwidth_gbs("cpu"), 2),
+            "gemm_f32_gflops": round(gemm, 1)}
+
+
+def _roofline(ms: float, M: int, d: int, B: int, key_bytes: float, ceil: dict) -> tuple[float, dict]:
+    nbytes = M * key_bytes
+    flops = 2.0 * B * M * d
+    t_mem = nbytes / (ceil["read_gbs"] * 1e9)
+    t_cmp = flops / (ceil["gemm_f32_gflops"] * 1e9)
+    bound = "memory" if t_mem >= t_cmp else "compute"
+    pct = 100.0 * max(t_mem, t_cmp) / (ms * 1e-3)
+    return pct, {"bound": bound, "achieved_gbs": round(nbytes / (ms * 1e-3) / 1e9, 2),
+                 "achieved_gflops": round(flops / (ms * 1e-3) / 1e9, 1)}
+
+
+def _measure(fn, budget_s: float):
+    """``common.measure``, except that a call of over half a second is timed on its own
+    calls after one warm-up (at M = 2e7, B = 256 one search takes tens of seconds here)."""
+    t0 = time.perf_counter()
+    fn()
+    if time.perf_counter() - t0 < 0.5:
+        return measure(fn, "cpu", budget_s)
+    t = time_fn(fn, "cpu", warmup=0, min_repeats=2, max_repeats=2, budget_s=0)
+    from .measure import PeakMemory
+
+    with PeakMemory("cpu") as pm:
+        fn()
+    return t, (None if pm.peak_bytes is None else pm.peak_bytes / 2**20)
+
+
+def _rss_kb() -> int:
+    return _proc_kb("VmRSS") or 0
+
+
+def _chunks(M: int, cfg: LargeConfig, gen: torch.Generator):
+    """Synthetic entries streamed to the builder: int16 token ids, int8 keys + scales."""
+    for a in range(0, M, cfg.chunk):
+        n = min(cfg.chunk, M - a)
+        tok = torch.randint(0, cfg.vocab, (n, cfg.L), dtype=torch.int16, generator=gen)
+        lengths = torch.full((n,), cfg.L, dtype=torch.int32)
+        q, s = quantize_keys(torch.randn(n, cfg.d, generator=gen))
+        yield {"token_ids": tok, "lengths": lengths, "keys": q, "key_scales": s}
+
+
+def bench_memory_file(M: int, cfg: LargeConfig, ceil: dict, progress: bool) -> list[Row]:
+    """Build, load (mapped) and search one int8 / int16 / no-values memory of M entries."""
+    from ..memory import KnowledgeMemory, build_memory
+
+    path = Path(cfg.work_dir) / f"large-{M}"
+    gen = torch.Generator().manual_seed(M)
+    t0 = time.perf_counter()
+    build_memory(path, _chunks(M, cfg, gen), vocab_size=cfg.vocab, key_dtype=torch.int8,
+                 store_values=False, total=M, progress=progress)
+    build_s = time.perf_counter() - t0
+    size = sum(f.stat().st_size for f in path.iterdir())
+    rows = []
+    try:
+        gc.collect()
+        rss0 = _rss_kb()
+        t0 = time.perf_counter()
+        mem = KnowledgeMemory.load(path, verify=False)
+        load_s = time.perf_counter() - t0
+        added_mb = (_rss_kb() - rss0) / 1024
+        shape = dict(M=M, d=cfg.d, L=cfg.L, dtype="int8", tokens="int16", values="none")
+        extra = {"size_gb": round(size / 1e9, 3), "bytes_per_entry": round(size / M, 1),
+                 "added_rss_mb": round(added_mb, 1), "build_s": round(build_s, 1)}
+        rows.append(Row("memory load (mapped)", "KnowledgeMemory.load", shape, "cpu",
+                        load_s * 1e3, load_s * 1e3, load_s * 1e3, 1, M / load_s, "entries/s",
+                        added_mb, None, note="verify=False; RSS added by the load", extra=extra))
+        q1 = torch.randn(1, cfg.d)
+        t0 = time.perf_counter()
+        mem.search(q1, cfg.k)  # first search: pages the mapped keys in
+        first_ms = (time.perf_counter() - t0) * 1e3
+        for B in cfg.Bs:
+            q = torch.randn(B, cfg.d)
+            t, peak = _measure(lambda: mem.search(q, cfg.k), cfg.budget_s)
+            pct, ex = _roofline(t.median_ms, M, cfg.d, B, cfg.d + 4, ceil)
+            ex["first_search_ms"] = round(first_ms, 1) if B == cfg.Bs[0] else None
+            rows.append(Row("search (mapped memory)", "KnowledgeMemory.search", dict(
+                M=M, d=cfg.d, B=B, k=cfg.k, dtype="int8"), "cpu", t.median_ms, t.p20_ms,
+                t.p80_ms, t.repeats, B / (t.median_ms * 1e-3), "queries/s", peak, pct, extra=ex))
+        del mem
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        gc.collect()
+    return rows
+
+
+def bench_search_dtypes(M: int, cfg: LargeConfig, ceil: dict, skip=()) -> list[Row]:
+    """Exact search over in-memory key tables of each dtype (but those in ``skip``)."""
+    from ..topk import exact_topk
+
+    rows = []
+    gen = torch.Generator().manual_seed(M + 1)
+    for name in cfg.dtypes:
+        if (name == "float32" and M > FLOAT32_MAX_M) or name in skip:
+            continue
+        # built in chunks so the float32 source never exists whole next to the table
+        parts, scales = [], []
+        for a in range(0, M, cfg.chunk):
+            k = torch.randn(min(cfg.chunk, M - a), cfg.d, generator=gen)
+            if name == "int8":
+                q, s = quantize_keys(k)
+                parts.append(q)
+                scales.append(s)
+            else:
+                parts.append(k.to(getattr(torch, name)))
+        keys = torch.cat(parts)
+        del parts
+        sc = torch.cat(scales) if scales else None
+        key_bytes = keys.element_size() * cfg.d + (4 if sc is not None else 0)
+        for B in cfg.Bs:
+            q = torch.randn(B, cfg.d)
+            fn = lambda: exact_topk(q, keys, cfg.k, key_scales=sc)  # noqa: E731
+            t, peak = _measure(fn, cfg.budget_s)
+            pct, ex = _roofline(t.median_ms, M, cfg.d, B, key_bytes, ceil)
+            rows.append(Row("search (large)", "pluglm mips_topk[auto]", dict(
+                M=M, d=cfg.d, B=B, k=cfg.k, dtype=name), "cpu", t.median_ms, t.p20_ms, t.p80_ms,
+                t.repeats, B / (t.median_ms * 1e-3), "queries/s", peak, pct, extra=ex))
+        del keys, sc
+        gc.collect()
+    return rows
+
+
+def run_large(cfg: LargeConfig, show_progress: bool = True, log=print) -> dict:
+    """Every case of the large sweep; returns {"machine", "config", "ceilings", "rows"}."""
+    torch.manual_seed(0)
+    Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cfg.work_dir).free
+    ceil = measure_ceilings(cfg.ceiling_bytes)
+    log(f"ceilings: {ceil}")
+    rows: list[Row] = []
+    for M in cfg.Ms:
+        need = M * (cfg.L * 2 + cfg.d + 16) * 2.1  # raw files + assembled file
+        skip = ()
+        if need < free:
+            rows += bench_memory_file(M, cfg, ceil, show_progress)
+            skip = ("int8",)  # the mapped memory's search rows are the int8 case
+        else:
+            log(f"M={M}: skipping the memory file ({need / 1e9:.1f} GB needed, "
+                f"{free / 1e9:.1f} GB free in {cfg.work_dir})")
+        rows += bench_search_dtypes(M, cfg, ceil, skip)
+        for r in rows:
+            if r.shape.get("M") == M:
+                log(f"{r.bench:24s} {r.impl:24s} {r.shape} {r.median_ms:10.2f} ms "
+                    f"pct={None if r.pct_roofline is None else round(r.pct_roofline, 1)} "
+                    f"peak_mb={r.peak_mb}")
+    info = machine_info("cpu")
+    info["peak_rss_mb"] = round((_proc_kb("VmHWM") or 0) / 1024, 1)
+    info["note"] = os.environ.get("PLUGLM_BENCH_NOTE", "")
+    return {"machine": info, "config": asdict(cfg), "ceilings": ceil,
+            "rows": [asdict(r) for r in rows]}
+
+
+__all__ = ["LargeConfig", "measure_ceilings", "run_large"]
