@@ -46,6 +46,7 @@ class LargeConfig:
     budget_s: float = 1.0
     chunk: int = 500_000
     ceiling_bytes: int = 1 << 30  # the bandwidth probe's size: far beyond any cache
+    recall_entries: int = 2000  # real sentence embeddings for the int8 recall case (0: skip)
 
     @classmethod
     def make(cls, max_m: int | None, work_dir: str) -> "LargeConfig":
@@ -189,6 +190,49 @@ def bench_search_dtypes(M: int, cfg: LargeConfig, ceil: dict, skip=()) -> list[R
     return rows
 
 
+def bench_recall_real(cfg: LargeConfig, log=print) -> list[Row]:
+    """Search quality of compact keys on real sentence embeddings: all-MiniLM-L6-v2 keys of
+    Python's own documentation (``pluglm demo``'s corpus, ``recall_entries`` entries of at
+    most 32 tokens), queried with the documented names (``json.dumps``, ...); recall@k of
+    int8 / bfloat16 / float16 keys against float32 exact search."""
+    from ..cli.demo import corpus
+    from ..encoders import EncoderUnavailable, SentenceEncoder
+    from ..memory import KnowledgeMemory
+
+    try:
+        enc = SentenceEncoder.minilm()
+    except EncoderUnavailable as e:
+        log(f"int8 recall on real embeddings skipped: {e}")
+        return []
+    docs = [d for cat in corpus().values() for d in cat]
+    names = [src.split(":", 1)[-1] for src, _ in docs]
+    texts = [text for _, text in docs]
+    mem = KnowledgeMemory.from_texts(texts, enc.tokenizer, max_length=32)
+    if len(mem) > cfg.recall_entries:
+        mem.remove(torch.arange(cfg.recall_entries, len(mem)))
+        mem.compact()
+    t0 = time.perf_counter()
+    mem.encode(enc, batch_size=64, progress=False)
+    enc_s = time.perf_counter() - t0
+    queries = enc.encode_queries(names[:256])
+    M, B = len(mem), queries.shape[0]
+    rows = []
+    for k in (5, 10):
+        _, exact = mem.search(queries, k)
+        for name in ("int8", "bfloat16", "float16"):
+            other = mem.with_layout(key_dtype=getattr(torch, name))
+            t, peak = _measure(lambda: other.search(queries, k), 0.2)
+            _, found = other.search(queries, k)
+            hits = sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact))
+            rows.append(Row("recall vs float32 (real embeddings)", f"pluglm {name} keys", dict(
+                M=M, d=mem.key_dim, B=B, k=k, dtype=name), "cpu", t.median_ms, t.p20_ms,
+                t.p80_ms, t.repeats, B / (t.median_ms * 1e-3), "queries/s", peak, None,
+                note="all-MiniLM-L6-v2 keys of Python's documentation",
+                extra={"recall_at_k": round(hits / exact.numel(), 4),
+                       "encode_s": round(enc_s, 1)}))
+    return rows
+
+
 def run_large(cfg: LargeConfig, show_progress: bool = True, log=print) -> dict:
     """Every case of the large sweep; returns {"machine", "config", "ceilings", "rows"}."""
     torch.manual_seed(0)
@@ -212,6 +256,8 @@ def run_large(cfg: LargeConfig, show_progress: bool = True, log=print) -> dict:
                 log(f"{r.bench:24s} {r.impl:24s} {r.shape} {r.median_ms:10.2f} ms "
                     f"pct={None if r.pct_roofline is None else round(r.pct_roofline, 1)} "
                     f"peak_mb={r.peak_mb}")
+    if cfg.recall_entries:
+        rows += bench_recall_real(cfg, log)
     info = machine_info("cpu")
     info["peak_rss_mb"] = round((_proc_kb("VmHWM") or 0) / 1024, 1)
     info["note"] = os.environ.get("PLUGLM_BENCH_NOTE", "")
