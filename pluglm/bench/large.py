@@ -46,12 +46,15 @@ class LargeConfig:
     budget_s: float = 1.0
     chunk: int = 500_000
     ceiling_bytes: int = 1 << 30  # the bandwidth probe's size: far beyond any cache
+    cost_Ms: tuple = (1_000_000, 10_000_000)  # the cost-of-a-memory case (empty: skip)
+    cost_Bs: tuple = (1, 8)
     recall_entries: int = 2000  # real sentence embeddings for the int8 recall case (0: skip)
 
     @classmethod
     def make(cls, max_m: int | None, work_dir: str) -> "LargeConfig":
         Ms = tuple(m for m in LARGE_MS if max_m is None or m <= max_m) or (int(max_m),)
-        return cls(Ms=Ms, work_dir=work_dir)
+        cost = tuple(m for m in (1_000_000, 10_000_000) if max_m is None or m <= max_m)
+        return cls(Ms=Ms, work_dir=work_dir, cost_Ms=cost)
 
 
 def measure_ceilings(nbytes: int = 1 << 30) -> dict:
@@ -233,6 +236,127 @@ def bench_recall_real(cfg: LargeConfig, log=print) -> list[Row]:
     return rows
 
 
+def synthetic_memory(M: int, key_dim: int, *, L: int = 128, vocab: int = 30522,
+                     key_dtype=torch.int8, value_dim: int | None = None, seed: int = 0):
+    """An encoded in-memory KnowledgeMemory of M synthetic entries (random int16 token ids of
+    L tokens, random keys in ``key_dtype``, values [M, value_dim] float32 or none), built
+    without a tokenizer (the tables are made directly)."""
+    import numpy as np
+
+    from ..memory import KnowledgeMemory, MemorySnapshot, TableLayout, TextTable
+
+    gen = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, vocab, (M, L), dtype=torch.int16, generator=gen)
+    parts, scales = [], []
+    for a in range(0, M, 500_000):
+        k = torch.randn(min(500_000, M - a), key_dim, generator=gen)
+        if key_dtype == torch.int8:
+            q, s = quantize_keys(k)
+            parts.append(q)
+            scales.append(s)
+        else:
+            parts.append(k.to(key_dtype))
+    values = None if value_dim is None else torch.randn(M, value_dim, generator=gen)
+    snap = MemorySnapshot(
+        token_ids=tok, lengths=torch.full((M,), L, dtype=torch.int32), keys=torch.cat(parts),
+        key_scales=torch.cat(scales) if scales else None, values=values,
+        valid=torch.ones(M, dtype=torch.bool), stale=torch.zeros(M, dtype=torch.bool),
+        finite=torch.ones(M, dtype=torch.bool), source_index=torch.zeros(M, dtype=torch.int32),
+        sources=["synthetic"], texts=TextTable(b"", np.zeros(M + 1, dtype=np.int64)),
+        rev=torch.arange(M), version=0, vocab_size=vocab, tokenizer_name="synthetic",
+        pad_token_id=0, max_length=L,
+        layout=TableLayout(key_dtype, None, value_dim is not None))
+    return KnowledgeMemory(snap)
+
+
+def bench_cost_of_memory(cfg: LargeConfig, log=print) -> list[Row]:
+    """What a memory costs per forward pass: a PlugLM forward in BERT-base geometry (12 layers,
+    d = 768, the top FFN block a memory layer, T = 128) against the dense BERT-base forward
+    (transformers ``BertModel``, same geometry, every layer an FFN), and one memory layer
+    against the dense FFN it replaces; each PlugLM row carries ``extra.ratio_to_dense``."""
+    from transformers import BertConfig, BertModel
+
+    from ..configuration_pluglm import PlugLMConfig
+    from ..modeling_pluglm import PlugLMModel
+
+    rows: list[Row] = []
+    T = 128
+    torch.manual_seed(0)
+    dense = BertModel(BertConfig(), add_pooling_layer=False).eval()
+    plug = PlugLMModel(PlugLMConfig(doc_max_length=128), add_pooling_layer=False).eval()
+    layer = plug.memory_layers()[0]
+    ffn = dense.encoder.layer[-1]
+    dense_ms: dict = {}
+    for B in cfg.cost_Bs:
+        ids = torch.randint(1000, 30000, (B, T))
+        mask = torch.ones(B, T, dtype=torch.long)
+
+        def fd():
+            with torch.no_grad():
+                dense(input_ids=ids, attention_mask=mask)
+
+        h = torch.randn(B, T, 768)
+
+        def ff():  # the FFN sublayer the memory layer replaces: W2 gelu(W1 h) + LayerNorm
+            with torch.no_grad():
+                ffn.output(ffn.intermediate(h), h)
+
+        for name, fn, shape in (("dense BERT-base forward", fd, dict(B=B, T=T)),
+                                ("dense FFN sublayer", ff, dict(B=B, T=T, d=768, d_ff=3072))):
+            t, peak = _measure(fn, cfg.budget_s)
+            dense_ms[(name, B)] = t.median_ms
+            rows.append(Row("cost of a memory", f"transformers BertModel: {name}", shape, "cpu",
+                            t.median_ms, t.p20_ms, t.p80_ms, t.repeats,
+                            B * T / (t.median_ms * 1e-3), "tokens/s", peak))
+    for M in cfg.cost_Ms:
+        for kdt, values in ((torch.int8, False), (torch.float32, False), (torch.float32, True)):
+            if values and M * 768 * 4 > _mem_available() / 3:
+                continue  # stored float32 values of M entries do not fit beside the rest
+            mem = synthetic_memory(M, 128, key_dtype=kdt, value_dim=768 if values else None)
+            plug.set_memory(mem)
+            kind = f"{str(kdt).replace('torch.', '')} keys, " + (
+                "stored values" if values else "values on demand")
+            for B in cfg.cost_Bs:
+                ids = torch.randint(1000, 30000, (B, T))
+                mask = torch.ones(B, T, dtype=torch.long)
+                h = torch.randn(B, T, 768)
+
+                def fp():
+                    with torch.no_grad():
+                        plug(input_ids=ids, attention_mask=mask)
+
+                def fl():
+                    with torch.no_grad():
+                        layer(h, mask, plug._reading_memory(mem))
+
+                for name, fn, dname in (("PlugLM forward (BERT-base)", fp, "dense BERT-base forward"),
+                                        ("memory layer", fl, "dense FFN sublayer")):
+                    t, peak = _measure(fn, cfg.budget_s)
+                    ratio = t.median_ms / dense_ms[(dname, B)]
+                    rows.append(Row("cost of a memory", f"pluglm {name}: {kind}", dict(
+                        M=M, B=B, T=T, dtype=str(kdt).replace("torch.", ""),
+                        values="stored" if values else "on demand"), "cpu", t.median_ms,
+                        t.p20_ms, t.p80_ms, t.repeats, B * T / (t.median_ms * 1e-3),
+                        "tokens/s", peak, extra={"ratio_to_dense": round(ratio, 3)}))
+                    log(f"{name:28s} M={M} B={B} {kind}: {t.median_ms:.1f} ms, "
+                        f"{ratio:.2f}x dense")
+            plug.set_memory(None)
+            del mem
+            gc.collect()
+    return rows
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
 def run_large(cfg: LargeConfig, show_progress: bool = True, log=print) -> dict:
     """Every case of the large sweep; returns {"machine", "config", "ceilings", "rows"}."""
     torch.manual_seed(0)
@@ -258,6 +382,8 @@ def run_large(cfg: LargeConfig, show_progress: bool = True, log=print) -> dict:
                     f"peak_mb={r.peak_mb}")
     if cfg.recall_entries:
         rows += bench_recall_real(cfg, log)
+    if cfg.cost_Ms:
+        rows += bench_cost_of_memory(cfg, log)
     info = machine_info("cpu")
     info["peak_rss_mb"] = round((_proc_kb("VmHWM") or 0) / 1024, 1)
     info["note"] = os.environ.get("PLUGLM_BENCH_NOTE", "")

@@ -174,7 +174,8 @@ def test_bench_large_rows(tmp_path):
     from pluglm.bench.large import LargeConfig, run_large
 
     cfg = LargeConfig(Ms=(3000,), Bs=(1, 4), L=16, chunk=1000, work_dir=str(tmp_path / "w"),
-                      budget_s=0.05, ceiling_bytes=1 << 22, recall_entries=0)
+                      budget_s=0.05, ceiling_bytes=1 << 22, recall_entries=0,
+                      cost_Ms=())
     out = run_large(cfg, show_progress=False, log=lambda *a: None)
     rows = out["rows"]
     assert {r["bench"] for r in rows} == {"memory load (mapped)", "search (mapped memory)",
