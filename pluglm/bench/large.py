@@ -157,7 +157,7 @@ def bench_memory_file(M: int, cfg: LargeConfig, ceil: dict, progress: bool) -> l
     return rows
 
 
-def bench_search_dtypes(M: int, cfg: LargeConfig, ceil: dict, skip=()) -> list[Row]:
+def bench_search_dtypes(M: int, cfg: LargeConfig, ceil: dict, skip=(), log=print) -> list[Row]:
     """Exact search over in-memory key tables of each dtype (but those in ``skip``)."""
     from ..topk import exact_topk
 
@@ -166,19 +166,21 @@ def bench_search_dtypes(M: int, cfg: LargeConfig, ceil: dict, skip=()) -> list[R
     for name in cfg.dtypes:
         if (name == "float32" and M > FLOAT32_MAX_M) or name in skip:
             continue
-        # built in chunks so the float32 source never exists whole next to the table
-        parts, scales = [], []
+        dtype = getattr(torch, name)
+        need = M * cfg.d * dtype.itemsize
+        if need > _mem_available() / 2:
+            log(f"M={M} {name}: in-memory table of {need / 1e9:.1f} GB skipped "
+                f"({_mem_available() / 1e9:.1f} GB available on this shared machine)")
+            continue
+        # filled chunk by chunk: neither the float32 source nor a second copy ever exists whole
+        keys = torch.empty(M, cfg.d, dtype=dtype)
+        sc = torch.empty(M, dtype=torch.float32) if name == "int8" else None
         for a in range(0, M, cfg.chunk):
             k = torch.randn(min(cfg.chunk, M - a), cfg.d, generator=gen)
             if name == "int8":
-                q, s = quantize_keys(k)
-                parts.append(q)
-                scales.append(s)
+                keys[a:a + k.shape[0]], sc[a:a + k.shape[0]] = quantize_keys(k)
             else:
-                parts.append(k.to(getattr(torch, name)))
-        keys = torch.cat(parts)
-        del parts
-        sc = torch.cat(scales) if scales else None
+                keys[a:a + k.shape[0]] = k
         key_bytes = keys.element_size() * cfg.d + (4 if sc is not None else 0)
         for B in cfg.Bs:
             q = torch.randn(B, cfg.d)
@@ -247,19 +249,18 @@ def synthetic_memory(M: int, key_dim: int, *, L: int = 128, vocab: int = 30522,
 
     gen = torch.Generator().manual_seed(seed)
     tok = torch.randint(0, vocab, (M, L), dtype=torch.int16, generator=gen)
-    parts, scales = [], []
+    keys = torch.empty(M, key_dim, dtype=key_dtype)
+    scales = torch.empty(M, dtype=torch.float32) if key_dtype == torch.int8 else None
     for a in range(0, M, 500_000):
         k = torch.randn(min(500_000, M - a), key_dim, generator=gen)
         if key_dtype == torch.int8:
-            q, s = quantize_keys(k)
-            parts.append(q)
-            scales.append(s)
+            keys[a:a + k.shape[0]], scales[a:a + k.shape[0]] = quantize_keys(k)
         else:
-            parts.append(k.to(key_dtype))
+            keys[a:a + k.shape[0]] = k
     values = None if value_dim is None else torch.randn(M, value_dim, generator=gen)
     snap = MemorySnapshot(
-        token_ids=tok, lengths=torch.full((M,), L, dtype=torch.int32), keys=torch.cat(parts),
-        key_scales=torch.cat(scales) if scales else None, values=values,
+        token_ids=tok, lengths=torch.full((M,), L, dtype=torch.int32), keys=keys,
+        key_scales=scales, values=values,
         valid=torch.ones(M, dtype=torch.bool), stale=torch.zeros(M, dtype=torch.bool),
         finite=torch.ones(M, dtype=torch.bool), source_index=torch.zeros(M, dtype=torch.int32),
         sources=["synthetic"], texts=TextTable(b"", np.zeros(M + 1, dtype=np.int64)),
@@ -310,8 +311,11 @@ def bench_cost_of_memory(cfg: LargeConfig, log=print) -> list[Row]:
                             B * T / (t.median_ms * 1e-3), "tokens/s", peak))
     for M in cfg.cost_Ms:
         for kdt, values in ((torch.int8, False), (torch.float32, False), (torch.float32, True)):
-            if values and M * 768 * 4 > _mem_available() / 3:
-                continue  # stored float32 values of M entries do not fit beside the rest
+            need = M * (128 * kdt.itemsize + 128 * 2 + (768 * 4 if values else 0))
+            if need > _mem_available() / 2:
+                log(f"cost of a memory, M={M}, {kdt} keys, values {values}: {need / 1e9:.1f} GB "
+                    f"of tables skipped ({_mem_available() / 1e9:.1f} GB available)")
+                continue
             mem = synthetic_memory(M, 128, key_dtype=kdt, value_dim=768 if values else None)
             plug.set_memory(mem)
             kind = f"{str(kdt).replace('torch.', '')} keys, " + (
@@ -357,7 +361,7 @@ def _mem_available() -> int:
     return 8 << 30
 
 
-def run_large(cfg: LargeConfig, show_progress: bool = True, log=print) -> dict:
+def run_large(cfg: LargeConfig, show_progress: bool = True, log=print, partial=None) -> dict:
     """Every case of the large sweep; returns {"machine", "config", "ceilings", "rows"}."""
     torch.manual_seed(0)
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
@@ -374,7 +378,10 @@ def run_large(cfg: LargeConfig, show_progress: bool = True, log=print) -> dict:
         else:
             log(f"M={M}: skipping the memory file ({need / 1e9:.1f} GB needed, "
                 f"{free / 1e9:.1f} GB free in {cfg.work_dir})")
-        rows += bench_search_dtypes(M, cfg, ceil, skip)
+        rows += bench_search_dtypes(M, cfg, ceil, skip, log)
+        if partial is not None:  # a long run keeps what it measured so far
+            partial({"machine": machine_info("cpu"), "config": asdict(cfg), "ceilings": ceil,
+                     "rows": [asdict(r) for r in rows]})
         for r in rows:
             if r.shape.get("M") == M:
                 log(f"{r.bench:24s} {r.impl:24s} {r.shape} {r.median_ms:10.2f} ms "
@@ -384,6 +391,10 @@ def run_large(cfg: LargeConfig, show_progress: bool = True, log=print) -> dict:
         rows += bench_recall_real(cfg, log)
     if cfg.cost_Ms:
         rows += bench_cost_of_memory(cfg, log)
+    for r in rows[-40:]:
+        if r.bench != "search (large)" and r.bench not in ("memory load (mapped)",
+                                                           "search (mapped memory)"):
+            log(f"{r.bench:24s} {r.impl:40s} {r.shape} {r.median_ms:10.2f} ms {r.extra}")
     info = machine_info("cpu")
     info["peak_rss_mb"] = round((_proc_kb("VmHWM") or 0) / 1024, 1)
     info["note"] = os.environ.get("PLUGLM_BENCH_NOTE", "")

@@ -55,7 +55,9 @@ def _cmd_large(args) -> int:
     out = Path(args.out)
     console = Console(width=None if sys.stdout.isatty() else 200)
     cfg = LargeConfig.make(args.max_m, str(out / "memories"))
-    result = run_large(cfg, show_progress=not args.no_progress, log=console.print)
+    partial = lambda res: report.atomic_write(  # noqa: E731
+        out / "results.partial.json", __import__("json").dumps(res, indent=1).encode())
+    result = run_large(cfg, show_progress=not args.no_progress, log=console.print, partial=partial)
     report.print_table(result, console)
     written = report.write_all(result, out)
     console.print("wrote " + ", ".join(str(p) for p in written))

@@ -195,3 +195,28 @@ def test_values_on_demand_matches_stored_values(tok):
                        model(ids, memory=stored, output_retrieval=True).retrieval[0].indices)
     with pytest.raises(RuntimeError, match="no values"):
         lean.fetch(torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_refresh_of_an_int8_memory_quantises_on_commit(tok):
+    """The key refresher computes float keys and set_keys quantises them into the memory's
+    int8 layout; values on demand stay absent."""
+    from pluglm.refresh import AsyncKeyRefresher
+
+    model = _model(len(tok)).float()
+    mem = KnowledgeMemory.from_texts(texts(40), tok, max_length=16, key_dtype=torch.int8,
+                                     store_values=False)
+    mem.encode(model, progress=False)
+    before = mem.keys.clone()
+    with torch.no_grad():
+        for p in model.knowledge_encoder.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    with AsyncKeyRefresher(model, mem, interval=0, chunk=16) as r:
+        r.refresh_now()
+        assert r.wait() == 40
+    assert mem.keys.dtype == torch.int8 and mem.values is None and mem.key_scales.shape == (40,)
+    assert not torch.equal(mem.keys, before)
+    ref = KnowledgeMemory.from_texts(texts(40), tok, max_length=16)
+    ref.encode(model, progress=False)
+    q, s = quantize_keys(ref.keys)
+    assert (mem.keys.int() - q.int()).abs().max() <= 1  # equal up to float rounding
+    torch.testing.assert_close(mem.key_scales, s, rtol=1e-4, atol=1e-7)
