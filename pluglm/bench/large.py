@@ -37,6 +37,9 @@ FLOAT32_MAX_M = 10_000_000
 class LargeConfig:
     Ms: tuple = LARGE_MS
     Bs: tuple = (1, 32, 256)
+    # (B, largest M timed at that B): one B = 256 search over 2e7 keys takes about a minute
+    # on a shared 2-core machine; () = every B at every M
+    B_limits: tuple = ((256, 4_000_000), (32, 10_000_000))
     k: int = 5
     d: int = 128
     L: int = 128
@@ -99,6 +102,11 @@ def _measure(fn, budget_s: float):
     return t, (None if pm.peak_bytes is None else pm.peak_bytes / 2**20)
 
 
+def _batch_sizes(cfg: LargeConfig, M: int) -> list[int]:
+    limits = dict(cfg.B_limits)
+    return [B for B in cfg.Bs if M <= limits.get(B, M)]
+
+
 def _rss_kb() -> int:
     return _proc_kb("VmRSS") or 0
 
@@ -142,7 +150,7 @@ def bench_memory_file(M: int, cfg: LargeConfig, ceil: dict, progress: bool) -> l
         t0 = time.perf_counter()
         mem.search(q1, cfg.k)  # first search: pages the mapped keys in
         first_ms = (time.perf_counter() - t0) * 1e3
-        for B in cfg.Bs:
+        for B in _batch_sizes(cfg, M):
             q = torch.randn(B, cfg.d)
             t, peak = _measure(lambda: mem.search(q, cfg.k), cfg.budget_s)
             pct, ex = _roofline(t.median_ms, M, cfg.d, B, cfg.d + 4, ceil)
@@ -182,7 +190,7 @@ def bench_search_dtypes(M: int, cfg: LargeConfig, ceil: dict, skip=(), log=print
             else:
                 keys[a:a + k.shape[0]] = k
         key_bytes = keys.element_size() * cfg.d + (4 if sc is not None else 0)
-        for B in cfg.Bs:
+        for B in _batch_sizes(cfg, M):
             q = torch.randn(B, cfg.d)
             fn = lambda: exact_topk(q, keys, cfg.k, key_scales=sc)  # noqa: E731
             t, peak = _measure(fn, cfg.budget_s)
