@@ -95,10 +95,13 @@ def mips_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, key_scales=N
         V.integer("num_valid", num_valid, lo=0, hi=M, what="the number of True entries of valid")
     queries = queries.detach().contiguous()
     if _eager():
-        count = valid is not None and num_valid is None
         finite = torch.isfinite(queries).all()
-        if count:  # one host sync for both answers
-            finite, num_valid = torch.stack((finite.to(torch.int64), valid.sum())).tolist()
+        if valid is not None and num_valid is None:
+            if queries.device.type == "cpu":  # no sync to save: two plain reads are cheaper
+                finite, num_valid = bool(finite), int(valid.sum())
+            else:  # one host sync for both answers (-1: not finite)
+                num_valid = int(torch.where(finite, valid.sum(), -1))
+                finite = num_valid >= 0
         if not finite:
             raise ValueError("queries must be finite (found NaN or Inf)")
         if valid is not None and k > num_valid:
