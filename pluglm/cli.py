@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_bench)
     add_parsers(sub)
+    from .convert import add_parser as add_convert_parser
+    add_convert_parser(sub)
     return p
 
 

@@ -23,6 +23,12 @@ Document encoder (``encode_memory``): ``E = AttnPool_doc(LayerNorm(word + pos + 
 the backbone's own embedding tables (fused ``pluglm_kernels.encode_knowledge``, no dropout),
 ``k = W_k E + b_k`` [key_dim], ``v = W_v E + b_v`` [d].
 
+``config.compat="published"`` reproduces what the published code computes instead of the
+paper (``config.published_differences``): head-major knowledge-attention output, pooling
+denominator ``sum(exp) + 1e-8`` (in PyTorch ops, not the fused pooling kernels), embedding
+dropout when retrieved entries are re-encoded in training (never in ``encode_memory`` or a
+refresh), and a masked-LM decoder of its own (``cls.predictions.decoder.weight``).
+
 ``output_retrieval=True`` adds ``retrieval``: per memory layer a ``PlugLMRetrieval`` with
 ``indices`` [B, N] int64, ``scores`` [B, N] float32 and ``sources`` (nested lists, or None
 when the memory has no ``sources_of``).
@@ -49,6 +55,13 @@ from pluglm.nn import AttentivePool, KnowledgeAttention, MemoryLayer
 from pluglm.nn.memory_layer import Memory
 
 from .configuration_pluglm import PlugLMConfig
+
+PUBLISHED_POOL_EPS = 1e-8  # the published attentive pooling's denominator term
+
+
+def _pool_eps(config) -> float | None:
+    return PUBLISHED_POOL_EPS if "pool_denominator" in config.published_differences else None
+
 
 _ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu,
         "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -217,7 +230,9 @@ class PlugLMMemoryBlock(nn.Module):
             memory_ffn_dim=config.memory_ffn_dim, ffn_act=config.hidden_act,
             attention_type=config.knowledge_attention, dropout=config.hidden_dropout_prob,
             attention_dropout=config.memory_attention_dropout,
-            layer_norm_eps=config.layer_norm_eps, backend=config.kernel_backend)
+            layer_norm_eps=config.layer_norm_eps, backend=config.kernel_backend,
+            head_major_output="head_layout" in config.published_differences,
+            pool_denominator_eps=_pool_eps(config))
 
     def forward(self, x, attn_bias, mask, memory):
         a = self.attention(x, attn_bias)
@@ -239,7 +254,8 @@ class PlugLMKnowledgeEncoder(nn.Module):
     def __init__(self, config: PlugLMConfig):
         super().__init__()
         self.pooler = AttentivePool(config.hidden_size, init_std=config.initializer_range,
-                                    backend=config.kernel_backend)
+                                    backend=config.kernel_backend,
+                                    denominator_eps=_pool_eps(config))
         self.key_proj = nn.Linear(config.hidden_size, config.key_dim)
         self.value_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
@@ -275,7 +291,10 @@ class _LiveEncodedMemory:
         """indices [B, N] -> (keys [B, N, key_dim], values [B, N, d]) from the live encoder."""
         B, N = indices.shape
         device = self.encoder.device
-        if _compiling():
+        # compat="published": embedding dropout, one mask per retrieved slot (no dedup)
+        dropout = (self.encoder.training and self.encoder.embeddings.dropout.p > 0
+                   and "reencode_dropout" in self.encoder.config.published_differences)
+        if _compiling() or dropout:
             uniq, inv = indices.reshape(-1), None
         else:
             uniq, inv = torch.unique(indices.reshape(-1), return_inverse=True)  # [U], [B*N]
@@ -288,7 +307,7 @@ class _LiveEncodedMemory:
             used = mask.ne(0).any(0).nonzero()
             last = int(used.max()) + 1 if used.numel() else 1
             ids, mask = ids[:, :last], mask[:, :last]
-        keys, values = self.encoder.encode_memory(ids, mask)  # [U, key_dim], [U, d]
+        keys, values = self.encoder._encode_memory(ids, mask, dropout=dropout)  # [U, key_dim], [U, d]
         if inv is not None:
             keys, values = keys[inv], values[inv]
         return keys.view(B, N, -1), values.view(B, N, -1)
@@ -499,7 +518,7 @@ class PlugLMModel(PlugLMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
-    def _encode_memory(self, token_ids, attention_mask):
+    def _encode_memory(self, token_ids, attention_mask, *, dropout: bool = False):
         if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2:
             raise ValueError(f"token_ids must have shape [E, L], got "
                              f"{tuple(getattr(token_ids, 'shape', ()))}")
@@ -509,6 +528,15 @@ class PlugLMModel(PlugLMPreTrainedModel):
         emb = self.embeddings
         pool = self.knowledge_encoder.pooler
         device = emb.word_embeddings.weight.device
+        if dropout or pool.denominator_eps is not None:
+            # compat="published": the embedding module's own math, then its dropout (training
+            # re-encode only) and the published pooling; the fused op has neither
+            ids = token_ids.to(device).long()
+            x = (emb.word_embeddings(ids) + emb.token_type_embeddings.weight[0]
+                 + emb.position_embeddings.weight[:ids.shape[1]])  # [E, L, d]
+            x = F.dropout(emb.LayerNorm(x), emb.dropout.p, training=dropout)
+            pooled = pool(x, attention_mask.to(device))  # [E, d]
+            return self.knowledge_encoder.key_proj(pooled), self.knowledge_encoder.value_proj(pooled)
         pooled = pluglm_kernels.encode_knowledge(
             token_ids.to(device), attention_mask.to(device), emb.word_embeddings.weight,
             emb.position_embeddings.weight, emb.token_type_embeddings.weight, emb.LayerNorm.weight,
@@ -602,15 +630,19 @@ class PlugLMPredictionHeadTransform(nn.Module):
 
 class PlugLMLMPredictionHead(nn.Module):
     """MLM head; the decoder is the word-embedding matrix itself (tied by construction, so
-    no tied-weight bookkeeping that differs between transformers versions)."""
+    no tied-weight bookkeeping that differs between transformers versions), except with
+    compat="published": that checkpoint's decoder is a matrix of its own (``decoder``)."""
 
     def __init__(self, config: PlugLMConfig):
         super().__init__()
         self.transform = PlugLMPredictionHeadTransform(config)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))  # [V]
+        self.decoder = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+                        if "untied_decoder" in config.published_differences else None)
 
     def forward(self, h, decoder_weight):
-        return F.linear(self.transform(h), decoder_weight, self.bias)  # [B, T, V]
+        w = decoder_weight if self.decoder is None else self.decoder.weight  # [V, d]
+        return F.linear(self.transform(h), w, self.bias)  # [B, T, V]
 
 
 class PlugLMOnlyMLMHead(nn.Module):

@@ -277,6 +277,8 @@ class MemoryLayer(nn.Module):
       layer_norm_eps: of the output LayerNorm. backend: for the pluglm_kernels ops.
       value_dim: width of a memory value (default d). pool_hidden: attentive-pool width
       (default d). query_batchnorm: BatchNorm1d on the query (published default True).
+      head_major_output, pool_denominator_eps: the published code's knowledge-attention
+      layout and pooling denominator (``KnowledgeAttention`` / ``AttentivePool``); off by default.
 
     Submodules: pooler (AttentivePool), query_proj Linear(d, key_dim), batch_norm
     BatchNorm1d(key_dim), knowledge_attention (KnowledgeAttention), ffn (Sequential of
@@ -288,7 +290,8 @@ class MemoryLayer(nn.Module):
                  attention_type: str = "multi_head", dropout: float = 0.1,
                  layer_norm_eps: float = 1e-12, backend: str = "auto", *,
                  value_dim: int | None = None, attention_dropout: float | None = None,
-                 pool_hidden: int | None = None, query_batchnorm: bool = True, memory=None):
+                 pool_hidden: int | None = None, query_batchnorm: bool = True, memory=None,
+                 head_major_output: bool = False, pool_denominator_eps: float | None = None):
         super().__init__()
         for name, v in (("hidden_size", hidden_size), ("key_dim", key_dim), ("memory_k", memory_k)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -306,12 +309,14 @@ class MemoryLayer(nn.Module):
         self.backend = backend
         self.value_dim = hidden_size if value_dim is None else value_dim
 
-        self.pooler = AttentivePool(hidden_size, pool_hidden, backend=backend)
+        self.pooler = AttentivePool(hidden_size, pool_hidden, backend=backend,
+                                    denominator_eps=pool_denominator_eps)
         self.query_proj = nn.Linear(hidden_size, key_dim)
         self.batch_norm = nn.BatchNorm1d(key_dim) if query_batchnorm else nn.Identity()
         self.knowledge_attention = KnowledgeAttention(
             hidden_size, num_heads, value_dim=self.value_dim, attention_type=attention_type,
-            dropout=dropout if attention_dropout is None else attention_dropout, backend=backend)
+            dropout=dropout if attention_dropout is None else attention_dropout, backend=backend,
+            head_major_output=head_major_output)
         if memory_ffn_dim > 0:
             self.ffn = nn.Sequential(LinearAct(hidden_size, memory_ffn_dim, ffn_act),
                                      nn.Linear(memory_ffn_dim, hidden_size), nn.Dropout(dropout))
