@@ -150,7 +150,9 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
 
     Called on every op call, so the answer is cached (see ``availability``)."""
     dev = device.type
-    interpret = dev == "cpu" and triton_interpret()
+    # the switch matters only where Triton may run on CPU tensors: a named "triton"
+    # ("auto" never picks Triton for CPU tensors, see _AUTO_ORDER)
+    interpret = backend == "triton" and dev == "cpu" and triton_interpret()
     return _resolve(op, backend, dev, interpret)
 
 

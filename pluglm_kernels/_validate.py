@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ._backends import BACKENDS
+
 # Float dtypes the kernels take for activations and tables (int8 keys need per-row scales:
 # quantize_keys); float64 runs through backend="reference" only.
 FLOAT_TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,7 +40,7 @@ def tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=None) -
 
 
 def shape(name: str, t: torch.Tensor, expected: tuple, what: str = "") -> None:
-    if tuple(t.shape) != tuple(expected):
+    if t.shape != expected:  # torch.Size compares equal to a tuple of the same ints
         extra = f" ({what})" if what else ""
         raise ValueError(f"{name} must have shape {tuple(expected)}{extra}, got {tuple(t.shape)}")
 
@@ -64,8 +66,6 @@ def probability(name: str, p) -> float:
 
 
 def backend(name: str, b) -> str:
-    from ._backends import BACKENDS
-
     if b not in BACKENDS:
         raise ValueError(f"{name} must be one of {BACKENDS}, got {b!r}")
     return b
