@@ -1,4 +1,4 @@
-"""``PlugLMConfig``: the transformers configuration of a PlugLM model (DESIGN.md §1).
+"""``PlugLMConfig``: the transformers configuration of a PlugLM model (docs/design.md §1).
 
 BERT-base geometry by default, plus the plug-in memory fields. Every value given is kept as
 given, falsy ones included: ``memory_ffn_dim=0`` means "no FFN in the memory layers" and a

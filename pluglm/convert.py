@@ -5,8 +5,8 @@ state dict) and ``tokenized_wiki.npy`` (the knowledge base: one row of BERT toke
 entry, padded with 0). :func:`from_published` turns them into a ``PlugLMForMaskedLM`` with
 ``compat="published"`` (so it computes what their code computes, see the README section
 "Coming from the published code") and, given the knowledge base, a ``KnowledgeMemory``
-whose keys and values are encoded by the converted model. ``pluglm convert-published`` is
-the same on the command line.
+whose keys and values are encoded by the converted model. ``pluglm convert-published``
+(:mod:`pluglm.cli.convert`) is the same on the command line.
 
 Guarantees:
 * the checkpoint is read with ``torch.load(weights_only=True)`` only — tensors and plain
@@ -23,7 +23,6 @@ Guarantees:
 """
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
@@ -380,45 +379,6 @@ def from_published(checkpoint, out=None, *, knowledge=None, tokenizer=None, batc
     return model, memory
 
 
-# ---------------------------------------------------------------------------- CLI
-
-def _cmd(args) -> int:
-    overrides = {} if args.memory_k is None else {"memory_k": args.memory_k}
-    tokenizer = load_vocab_tokenizer(args.tokenizer) if args.tokenizer else None
-    model, memory = from_published(args.checkpoint, args.out, knowledge=args.knowledge,
-                                   tokenizer=tokenizer,
-                                   batch_size=args.batch_size, device=args.device,
-                                   progress=not args.no_progress, **overrides)
-    c = model.config
-    msg = (f"converted {args.checkpoint}: {c.num_hidden_layers} layers ({c.num_memory_layers} "
-           f"memory), d={c.hidden_size}, compat=published -> {Path(args.out).absolute()}")
-    if memory is not None:
-        msg += f"; {len(memory)} memory entries encoded -> {Path(args.out).absolute() / MEMORY_SUBDIR}"
-    print(msg)
-    return 0
-
-
-def add_parser(sub) -> None:
-    """Register ``convert-published`` on ``pluglm``'s subparsers."""
-    s = sub.add_parser("convert-published", help="convert the published PlugLM checkpoint "
-                       "(and knowledge base) to a pluglm checkpoint with compat='published'",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description=__doc__.split("\n\n")[1])
-    s.add_argument("checkpoint", help="the published .pt (read with torch.load(weights_only=True))")
-    s.add_argument("--knowledge", default=None, metavar="NPY",
-                   help="tokenized_wiki.npy: encoded into OUT/memory (read with allow_pickle=False)")
-    s.add_argument("--tokenizer", default=None, metavar="PATH",
-                   help="vocabulary file (the published vocab/vocab) or tokenizer folder: "
-                        "stores each entry's decoded text (default: entries without text)")
-    s.add_argument("--out", required=True, help="output directory (a save_pretrained checkpoint)")
-    s.add_argument("--memory-k", type=int, default=None, help="entries retrieved per sequence (default 5)")
-    s.add_argument("--batch-size", type=int, default=256, help="entries per encoder batch (default 256)")
-    s.add_argument("--device", default="cpu", help="where to encode the memory (default cpu)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.set_defaults(func=_cmd)
-
-
 __all__ = ["PublishedCheckpointError", "from_published", "load_published_state_dict",
            "published_config", "convert_state_dict", "knowledge_memory_from_token_ids",
-           "load_vocab_tokenizer",
-           "add_parser"]
+           "load_vocab_tokenizer"]

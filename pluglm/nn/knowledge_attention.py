@@ -1,4 +1,4 @@
-"""Knowledge attention module (DESIGN.md §1): every token reads its sequence's N retrieved
+"""Knowledge attention module (docs/design.md §1): every token reads its sequence's N retrieved
 memory entries, with a per-head additive bias ``beta_h * c_j`` where ``c_j = cos(q, k_j)``.
 
 ``KnowledgeAttention.forward(hidden [B, T, d], values [B, N, dv], bias [B, N]) -> [B, T, d]``

@@ -1,4 +1,4 @@
-"""Attentive pooling module (DESIGN.md §1) on top of ``pluglm_kernels.attentive_pool``.
+"""Attentive pooling module (docs/design.md §1) on top of ``pluglm_kernels.attentive_pool``.
 
 ``AttentivePool(hidden, pool_hidden=None)`` maps x [B, T, hidden] and a 0/1 padding mask
 [B, T] to pooled [B, hidden]:

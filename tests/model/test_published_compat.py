@@ -523,7 +523,8 @@ def test_converted_model_float32_auto_backend_matches(train):
 def test_reencode_dropout_only_in_the_training_reencode():
     """Published point 3: the embedding dropout hits the training re-encode of retrieved
     entries (one mask per retrieved slot), never encode_memory or the refresher's encoder."""
-    from pluglm.modeling_pluglm import _LiveEncodedMemory
+    from pluglm.modeling_pluglm import _TrainingReencoder
+    from pluglm.nn import LiveEncodedMemory
     from pluglm.refresh import snapshot_encoder
 
     seed = int(torch.randint(0, 2**31, ()))
@@ -535,7 +536,7 @@ def test_reencode_dropout_only_in_the_training_reencode():
     model.eval()
     with torch.no_grad():
         k_eval, v_eval = model.encode_memory(ids, m)
-        live = _LiveEncodedMemory(mem, model.bert)
+        live = LiveEncodedMemory(mem, _TrainingReencoder(model.bert), always=True)
         k_live, _ = live.fetch(idx)
         assert rel(k_live.reshape(-1, GEOM["key"]), k_eval) < TOL
         model.train()
