@@ -27,7 +27,7 @@ import torch
 from pluglm_kernels import quantize_keys
 
 from .common import Row, machine_info, measure
-from .measure import _proc_kb, copy_bandwidth_gbs, time_fn
+from .measure import copy_bandwidth_gbs, proc_status_kb, time_fn
 
 LARGE_MS = (1_000_000, 4_000_000, 10_000_000, 20_000_000)
 FLOAT32_MAX_M = 10_000_000
@@ -108,7 +108,7 @@ def _batch_sizes(cfg: LargeConfig, M: int) -> list[int]:
 
 
 def _rss_kb() -> int:
-    return _proc_kb("VmRSS") or 0
+    return proc_status_kb("VmRSS") or 0
 
 
 def _chunks(M: int, cfg: LargeConfig, gen: torch.Generator):
@@ -404,7 +404,7 @@ def run_large(cfg: LargeConfig, show_progress: bool = True, log=print, partial=N
                                                            "search (mapped memory)"):
             log(f"{r.bench:24s} {r.impl:40s} {r.shape} {r.median_ms:10.2f} ms {r.extra}")
     info = machine_info("cpu")
-    info["peak_rss_mb"] = round((_proc_kb("VmHWM") or 0) / 1024, 1)
+    info["peak_rss_mb"] = round((proc_status_kb("VmHWM") or 0) / 1024, 1)
     info["note"] = os.environ.get("PLUGLM_BENCH_NOTE", "")
     return {"machine": info, "config": asdict(cfg), "ceilings": ceil,
             "rows": [asdict(r) for r in rows]}
