@@ -42,6 +42,10 @@ class PlugLMConfig(PretrainedConfig):
       memory_attention_dropout: dropout on the knowledge-attention probabilities.
       kernel_backend: backend of the pluglm_kernels ops ("auto", "triton", "cuda", "cpu",
         "reference").
+
+    transformers options handled as in BERT: tie_word_embeddings (MLM decoder = word
+    embeddings, default True), output_attentions / output_hidden_states, and
+    ``attn_implementation`` "sdpa" (default) or "eager"; other implementations raise.
     """
 
     model_type = "pluglm"
@@ -53,7 +57,8 @@ class PlugLMConfig(PretrainedConfig):
                  layer_norm_eps=1e-12, pad_token_id=0, classifier_dropout=None,
                  num_memory_layers=1, memory_k=5, key_dim=128, doc_max_length=288,
                  memory_ffn_dim=768, knowledge_attention="multi_head", refresh_interval=200,
-                 memory_attention_dropout=0.1, kernel_backend="auto", **kwargs):
+                 memory_attention_dropout=0.1, kernel_backend="auto", tie_word_embeddings=True,
+                 **kwargs):
         for name, v, lo in (("vocab_size", vocab_size, 1), ("hidden_size", hidden_size, 1),
                             ("num_hidden_layers", num_hidden_layers, 1),
                             ("num_attention_heads", num_attention_heads, 1),
@@ -112,7 +117,11 @@ class PlugLMConfig(PretrainedConfig):
         self.refresh_interval = refresh_interval
         self.memory_attention_dropout = memory_attention_dropout
         self.kernel_backend = kernel_backend
-        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        # transformers 5.x ties the MLM decoder to the word embeddings only when the config
+        # says so (4.x defaulted it to True in the base config)
+        self.tie_word_embeddings = bool(tie_word_embeddings)
+        super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=bool(tie_word_embeddings),
+                         **kwargs)
 
 
 __all__ = ["PlugLMConfig", "KNOWLEDGE_ATTENTION_TYPES", "KERNEL_BACKENDS"]

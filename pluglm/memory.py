@@ -277,6 +277,12 @@ def _as_ids(name: str, ids, M: int, device=None) -> torch.Tensor:
             else:
                 raise TypeError(f"{name} must be integer entry ids, got {t.dtype}")
     t = t.to(dtype=torch.int64, device=device if device is not None else t.device)
+    if torch.compiler.is_compiling():
+        # torch.compile / torch.export: the host check below is a data-dependent guard (a
+        # graph break, or an export error); check inside the graph instead, no host sync
+        if t.numel():
+            torch._assert_async(((t >= 0) & (t < M)).all(), f"{name} must be entry ids in [0, {M})")
+        return t
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= M):
         raise ValueError(f"{name} must be entry ids in [0, {M}), got values in "
                          f"[{int(t.min())}, {int(t.max())}]")
@@ -690,6 +696,33 @@ class KnowledgeMemory:
                           values=mv(s.values), valid=mv(s.valid), stale=mv(s.stale),
                           finite=mv(s.finite), version=s.version)
         return KnowledgeMemory(snap, self._tokenizer)
+
+    # ------------------------------------------------------------------------ copying
+
+    def __copy__(self) -> "KnowledgeMemory":
+        """``copy.copy``: a new memory over the same current snapshot. The tables are shared
+        (no copy: every mutation of either memory writes a new snapshot, so neither sees the
+        other's later edits); the tokenizer is shared; the copy gets its own locks and an
+        empty faiss-index cache (built again at its first faiss search)."""
+        return self._copy_with(self._snap, self._tokenizer, {})
+
+    def __deepcopy__(self, memo) -> "KnowledgeMemory":
+        """``copy.deepcopy``: a fully independent memory. Every table is copied (so even
+        writes into the exposed tensors do not reach the copy), the tokenizer is deep-copied;
+        own locks, empty faiss-index cache, same version and search setting."""
+        import copy
+
+        return self._copy_with(copy.deepcopy(self._snap, memo),
+                               copy.deepcopy(self._tokenizer, memo), memo)
+
+    def _copy_with(self, snapshot: MemorySnapshot, tokenizer, memo) -> "KnowledgeMemory":
+        import copy
+
+        new = type(self)(snapshot, tokenizer)  # fresh locks and index cache
+        memo[id(self)] = new
+        new._next_rev = self._next_rev
+        new._search_config = copy.deepcopy(self._search_config, memo)
+        return new
 
     # ------------------------------------------------------------------ properties
 

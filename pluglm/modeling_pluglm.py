@@ -29,12 +29,18 @@ when the memory has no ``sources_of``).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
@@ -46,9 +52,14 @@ from transformers.modeling_outputs import (
 
 import pluglm_kernels
 from pluglm.nn import AttentivePool, KnowledgeAttention, MemoryLayer
-from pluglm.nn.memory_layer import Memory
+from pluglm.nn.knowledge_attention import cosine_bias
+from pluglm.nn.memory_layer import Memory, RetrievalOutput
 
 from .configuration_pluglm import PlugLMConfig
+
+logger = transformers.utils.logging.get_logger(__name__)
+_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 _ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu,
         "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -64,11 +75,14 @@ def _act(name: str):
 class PlugLMRetrieval(NamedTuple):
     """What one memory layer retrieved: indices [B, N] int64 (memory rows), scores [B, N]
     float32 (q . k_i on the searched keys, best first), sources (nested lists shaped like
-    indices, or None when the memory names no sources)."""
+    indices, or None when the memory names no sources), attentions (with
+    ``output_attentions``: the knowledge-attention probabilities over the N entries,
+    [B, T, H, N] float32, before dropout, detached; else None)."""
 
     indices: torch.Tensor
     scores: torch.Tensor
     sources: list | None = None
+    attentions: torch.Tensor | None = None
 
 
 # ------------------------------------------------------------------------------- outputs
@@ -137,14 +151,24 @@ class PlugLMSelfAttention(nn.Module):
         self.value = nn.Linear(d, d)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x, attn_bias):
-        """x: [B, T, d]; attn_bias: [B, 1, 1, T] additive key-padding bias in x's dtype."""
+    def forward(self, x, attn_bias, eager: bool = False):
+        """x: [B, T, d]; attn_bias: [B, 1, 1, T] additive key-padding bias in x's dtype.
+        Returns (out [B, T, d], probs): SDPA (probs None), or with ``eager`` the explicit
+        softmax whose probabilities [B, H, T, T] (after dropout, as BERT) are returned."""
         B, T, d = x.shape
         q, k, v = (p(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
                    for p in (self.query, self.key, self.value))  # [B, H, T, Dh]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
-                                             dropout_p=self.dropout_p if self.training else 0.0)
-        return out.transpose(1, 2).reshape(B, T, d)
+        p = self.dropout_p if self.training else 0.0
+        if eager:
+            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + attn_bias
+            acc = torch.promote_types(scores.dtype, torch.float32)  # fp16/bf16 softmax in fp32
+            probs = torch.softmax(scores, dim=-1, dtype=acc).to(q.dtype)  # [B, H, T, T]
+            probs = F.dropout(probs, p, self.training)
+            out = torch.matmul(probs, v)
+        else:
+            probs = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=p)
+        return out.transpose(1, 2).reshape(B, T, d), probs
 
 
 class PlugLMSelfOutput(nn.Module):
@@ -166,8 +190,9 @@ class PlugLMAttention(nn.Module):
         self.self = PlugLMSelfAttention(config)
         self.output = PlugLMSelfOutput(config)
 
-    def forward(self, x, attn_bias):
-        return self.output(self.self(x, attn_bias), x)
+    def forward(self, x, attn_bias, eager: bool = False):
+        h, probs = self.self(x, attn_bias, eager)
+        return self.output(h, x), probs
 
 
 class PlugLMIntermediate(nn.Module):
@@ -192,7 +217,12 @@ class PlugLMOutput(nn.Module):
 
 
 class PlugLMLayer(nn.Module):
-    """A plain BERT layer: attention, then the full FFN."""
+    """A plain BERT layer: attention, then the full FFN.
+
+    Every layer returns (hidden [B, T, d], retrieval or None, self-attention probabilities
+    or None, knowledge-attention probabilities or None)."""
+
+    gradient_checkpointing = False  # set per layer by gradient_checkpointing_enable()
 
     def __init__(self, config: PlugLMConfig):
         super().__init__()
@@ -200,9 +230,9 @@ class PlugLMLayer(nn.Module):
         self.intermediate = PlugLMIntermediate(config)
         self.output = PlugLMOutput(config)
 
-    def forward(self, x, attn_bias, mask, memory):
-        a = self.attention(x, attn_bias)
-        return self.output(self.intermediate(a), a), None
+    def forward(self, x, attn_bias, mask, memory, eager=False, output_attentions=False):
+        a, probs = self.attention(x, attn_bias, eager)
+        return self.output(self.intermediate(a), a), None, probs, None
 
 
 class PlugLMMemoryBlock(nn.Module):
@@ -219,9 +249,44 @@ class PlugLMMemoryBlock(nn.Module):
             attention_dropout=config.memory_attention_dropout,
             layer_norm_eps=config.layer_norm_eps, backend=config.kernel_backend)
 
-    def forward(self, x, attn_bias, mask, memory):
-        a = self.attention(x, attn_bias)
-        return self.memory(a, mask, memory, return_retrieval=True)
+    gradient_checkpointing = False
+
+    def forward(self, x, attn_bias, mask, memory, eager=False, output_attentions=False):
+        a, probs = self.attention(x, attn_bias, eager)
+        if not output_attentions:
+            out, r = self.memory(a, mask, memory, return_retrieval=True)
+            return out, r, probs, None
+        if self.training and not isinstance(memory, _RecordedRead):
+            # a training-mode query cannot be recomputed (BatchNorm updates its statistics)
+            memory = _RecordedRead(memory)
+        if isinstance(memory, _RecordedRead):
+            memory.keep_fetched = True
+        out, r = self.memory(a, mask, memory, return_retrieval=True)
+        return out, r, probs, self._knowledge_probs(a, mask, memory, r.indices)
+
+    @torch.no_grad()
+    def _knowledge_probs(self, a, mask, memory, indices):
+        """The probabilities the knowledge attention used, [B, T, H, N] float32, from the
+        layer input ``a`` and what the layer searched and fetched (recorded, or re-read)."""
+        layer = self.memory
+        recorded = isinstance(memory, _RecordedRead)
+        # eval: BatchNorm reads its running statistics, so the query recomputes exactly
+        q = memory.query if recorded and memory.query is not None else layer.compute_query(a, mask)
+        fetched = memory.fetched if recorded else None
+        if recorded:
+            memory.fetched = None  # do not keep the values alive (checkpointing)
+        if fetched is None:
+            tables = layer.tables if memory is layer.memory else None
+            if tables is not None:  # the precomputed-table path: keys from the same table
+                keys = (memory.fetch_keys(indices) if hasattr(memory, "fetch_keys")
+                        else memory.fetch(indices)[0])
+                bias = cosine_bias(q, keys.to(a.device))
+                return layer.knowledge_attention.attention_probs_gathered(a, tables[0], indices, bias)
+            fetched = memory.fetch(indices)
+        keys, values = fetched
+        bias = cosine_bias(q, keys.to(a.device))  # [B, N]
+        return layer.knowledge_attention.attention_probs(
+            a, values.to(device=a.device, dtype=a.dtype), bias)
 
 
 class PlugLMEncoder(nn.Module):
@@ -294,6 +359,84 @@ class _LiveEncodedMemory:
         return keys.view(B, N, -1), values.view(B, N, -1)
 
 
+class _RecordedRead:
+    """What one memory layer read in one forward: the first search's query and result, and
+    (``keep_fetched``) what fetch returned. A later search — the recompute of a
+    gradient-checkpointed layer — gets the first result back instead of searching again:
+    the memory may have changed meanwhile, and the recompute must rebuild exactly the graph
+    whose activations were dropped (same entries, hence same shapes and gradients)."""
+
+    def __init__(self, memory):
+        self.memory = memory
+        self.keep_fetched = False
+        self.query = None
+        self.result = None
+        self.fetched = None
+
+    def search(self, q, k):
+        if self.result is None:
+            self.query = q.detach()
+            self.result = self.memory.search(q, k)
+        return self.result
+
+    def fetch(self, indices):
+        out = self.memory.fetch(indices)
+        if self.keep_fetched:
+            self.fetched = out
+        return out
+
+    def __getattr__(self, name):  # token_ids_of, fetch_keys, values, version, ...
+        if name == "memory":
+            raise AttributeError(name)
+        return getattr(self.memory, name)
+
+
+@contextlib.contextmanager
+def _running_stats_kept(module: nn.Module):
+    """Keep the running statistics of every training-mode BatchNorm in ``module`` as they
+    are (a checkpointed recompute must not count the same batch twice): the recompute
+    updates throw-away copies, which the recomputed graph may also save for its backward."""
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.training and m.track_running_stats]
+    kept = [[getattr(m, n) for n in names] for m in bns]
+    for m, bufs in zip(bns, kept):
+        for n, t in zip(names, bufs):
+            setattr(m, n, t.clone())
+    try:
+        yield
+    finally:
+        for m, bufs in zip(bns, kept):
+            for n, t in zip(names, bufs):
+                setattr(m, n, t)
+
+
+def _checkpointed(blk, x, attn_bias, keep, memory, eager, output_attentions):
+    """Run one layer under its ``_gradient_checkpointing_func`` (set by
+    ``gradient_checkpointing_enable``). A memory layer reads through a ``_RecordedRead`` so
+    the backward's recompute reuses the retrieved ids and keeps the BatchNorm statistics."""
+    if isinstance(blk, PlugLMMemoryBlock):
+        memory = _RecordedRead(memory)
+    calls = []
+
+    def run(x, attn_bias, keep):
+        ctx = _running_stats_kept(blk) if calls else contextlib.nullcontext()
+        calls.append(None)
+        with ctx:
+            y, r, probs, kprobs = blk(x, attn_bias, keep, memory, eager, output_attentions)
+        # Flat tensors only: the reentrant variant returns outputs through an autograd.Function,
+        # which attaches its backward to every float output object, so the retrieval (reused
+        # by the recompute) leaves as fresh detached aliases or the backward would recurse.
+        if r is None:
+            return y, None, None, probs, None
+        return y, r.indices, r.scores.detach(), probs, None if kprobs is None else kprobs.detach()
+
+    y, idx, scores, probs, kprobs = blk._gradient_checkpointing_func(run, x, attn_bias, keep)
+    if idx is None:
+        return y, None, probs, None
+    return y, RetrievalOutput(idx, scores.detach()), probs, None if kprobs is None else kprobs.detach()
+
+
 # ------------------------------------------------------------------------------- models
 
 class PlugLMPreTrainedModel(PreTrainedModel):
@@ -301,8 +444,50 @@ class PlugLMPreTrainedModel(PreTrainedModel):
 
     config_class = PlugLMConfig
     base_model_prefix = "bert"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
     _no_split_modules = ["PlugLMLayer", "PlugLMMemoryBlock"]
+
+    def __init__(self, config: PlugLMConfig, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        self._attn_implementation_running()  # an unsupported request fails at construction
+
+    # ------------------------------------------------- transformers integration hooks
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # set_attn_implementation() may switch at any time: every forward reads the config
+        return True
+
+    def _attn_implementation_running(self) -> str:
+        """What self-attention runs: "sdpa" (the default, F.scaled_dot_product_attention) or
+        "eager" (explicit softmax; what output_attentions uses). Anything else raises."""
+        impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        if impl not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation={impl!r} is not supported by PlugLM models: "
+                             f"use one of {ATTN_IMPLEMENTATIONS}")
+        return impl
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                    every_n_layers: int = 1):
+        """The hook ``gradient_checkpointing_enable/disable`` call (transformers 4.x and 5.x):
+        every ``every_n_layers``-th layer (memory layers included) runs checkpointed."""
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
+        func = gradient_checkpointing_func or functools.partial(checkpoint, use_reentrant=False)
+        for i, blk in enumerate(self._plug.encoder.layer):
+            blk.gradient_checkpointing = bool(enable) and i % every_n_layers == 0
+            blk._gradient_checkpointing_func = func
+
+    def __deepcopy__(self, memo):
+        """Deep copy of the weights and buffers; the plugged-in memory is shared, not copied
+        (the model never owns it, as for ``.to()`` and the state dict): the copy reads the
+        same memory. ``copy.deepcopy(memory)`` and ``set_memory`` give it its own."""
+        memory = self.memory
+        if memory is not None:
+            memo.setdefault(id(memory), memory)
+        rv = self.__reduce_ex__(4)
+        return copy._reconstruct(self, memo, *rv)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -528,14 +713,13 @@ class PlugLMModel(PlugLMPreTrainedModel):
         return memory
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, output_hidden_states=None, output_retrieval=False,
+                inputs_embeds=None, output_hidden_states=None, output_retrieval=None,
                 return_dict=None, memory=None, output_attentions=None):
-        if output_attentions:
-            raise ValueError("output_attentions=True is not supported: the fused attention "
-                             "never materialises the attention probabilities")
         return_dict = self._return_dict(return_dict)
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else getattr(self.config, "output_hidden_states", False))
+        output_attentions, output_retrieval, eager = self._attention_outputs(
+            output_attentions, output_retrieval)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, d]")
         shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:2])
@@ -565,26 +749,50 @@ class PlugLMModel(PlugLMPreTrainedModel):
             reading = self._reading_memory(memory)
 
         hidden_states = (x,) if output_hidden_states else None
-        retrieval = []
+        attentions = () if output_attentions else None
+        retrieval, knowledge = [], []
+        recompute = self.training and torch.is_grad_enabled()
         for blk in self.encoder.layer:
-            x, r = blk(x, attn_bias, keep, reading)
+            if recompute and blk.gradient_checkpointing:
+                x, r, probs, kprobs = _checkpointed(blk, x, attn_bias, keep, reading, eager,
+                                                    output_attentions)
+            else:
+                x, r, probs, kprobs = blk(x, attn_bias, keep, reading, eager, output_attentions)
             if r is not None:
                 retrieval.append(r)
+                knowledge.append(kprobs)
             if output_hidden_states:
                 hidden_states = hidden_states + (x,)
+            if output_attentions:
+                attentions = attentions + (probs,)
         pooled = self.pooler(x) if self.pooler is not None else None
-        ret = self._retrieval(memory, retrieval) if output_retrieval else None
+        ret = self._retrieval(memory, retrieval, knowledge) if output_retrieval else None
         if not return_dict:
-            return tuple(v for v in (x, pooled, hidden_states, ret) if v is not None)
+            return tuple(v for v in (x, pooled, hidden_states, attentions, ret) if v is not None)
         return PlugLMModelOutput(last_hidden_state=x, pooler_output=pooled,
-                                 hidden_states=hidden_states, retrieval=ret)
+                                 hidden_states=hidden_states, attentions=attentions, retrieval=ret)
+
+    def _attention_outputs(self, output_attentions, output_retrieval):
+        """(output_attentions, output_retrieval, eager): the argument, else the config;
+        retrieval follows output_attentions unless given (it carries the knowledge-attention
+        probabilities); attention probabilities need the eager self-attention."""
+        if output_attentions is None:
+            output_attentions = bool(getattr(self.config, "output_attentions", False))
+        if output_retrieval is None:
+            output_retrieval = output_attentions
+        impl = self._attn_implementation_running()
+        if output_attentions and impl == "sdpa":
+            logger.warning_once("PlugLM: output_attentions=True runs the eager self-attention "
+                                "(SDPA never materialises the probabilities); load with "
+                                "attn_implementation='eager' to make that the default")
+        return bool(output_attentions), bool(output_retrieval), bool(output_attentions) or impl == "eager"
 
     @staticmethod
-    def _retrieval(memory, retrieval):
+    def _retrieval(memory, retrieval, knowledge):
         sources_of = getattr(memory, "sources_of", None)
         return tuple(PlugLMRetrieval(r.indices, r.scores,
-                                     sources_of(r.indices) if callable(sources_of) else None)
-                     for r in retrieval)
+                                     sources_of(r.indices) if callable(sources_of) else None, kp)
+                     for r, kp in zip(retrieval, knowledge))
 
 
 # --------------------------------------------------------------------------------- heads
@@ -601,16 +809,23 @@ class PlugLMPredictionHeadTransform(nn.Module):
 
 
 class PlugLMLMPredictionHead(nn.Module):
-    """MLM head; the decoder is the word-embedding matrix itself (tied by construction, so
-    no tied-weight bookkeeping that differs between transformers versions)."""
+    """MLM head, laid out as BERT's: ``decoder`` Linear(d, V) whose weight is tied to the
+    word embeddings (``config.tie_word_embeddings``, default True) and whose bias is
+    ``bias`` itself, so ``get_output_embeddings`` / ``resize_token_embeddings`` work."""
 
     def __init__(self, config: PlugLMConfig):
         super().__init__()
         self.transform = PlugLMPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))  # [V]
+        self.decoder.bias = self.bias
 
-    def forward(self, h, decoder_weight):
-        return F.linear(self.transform(h), decoder_weight, self.bias)  # [B, T, V]
+    def _tie_weights(self):
+        # transformers 4.x calls this after tie_weights(): keep one bias parameter
+        self.decoder.bias = self.bias
+
+    def forward(self, h):
+        return self.decoder(self.transform(h))  # [B, T, V]
 
 
 class PlugLMOnlyMLMHead(nn.Module):
@@ -635,6 +850,13 @@ _BACKBONE_ARGS = ("attention_mask", "token_type_ids", "position_ids", "inputs_em
 class PlugLMForMaskedLM(PlugLMPreTrainedModel):
     """Masked LM: logits [B, T, vocab]; loss = cross-entropy over labels != -100."""
 
+    # the decoder weight is the word-embedding matrix, its bias the head's bias (BERT's ties;
+    # the mapping format differs between transformers 4.x and 5.x)
+    _tied_weights_keys = ({"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+                           "cls.predictions.decoder.bias": "cls.predictions.bias"}
+                          if _TRANSFORMERS_5 else
+                          ["cls.predictions.decoder.bias", "cls.predictions.decoder.weight"])
+
     def __init__(self, config: PlugLMConfig):
         super().__init__(config)
         self.bert = PlugLMModel(config, add_pooling_layer=False)
@@ -644,20 +866,26 @@ class PlugLMForMaskedLM(PlugLMPreTrainedModel):
     def get_input_embeddings(self):
         return self.bert.embeddings.word_embeddings
 
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_hidden_states=None, output_retrieval=False,
+                inputs_embeds=None, labels=None, output_hidden_states=None, output_retrieval=None,
                 return_dict=None, memory=None, output_attentions=None):
         return_dict = self._return_dict(return_dict)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                         output_hidden_states, output_retrieval, True, memory, output_attentions)
-        logits = self.cls.predictions(out.last_hidden_state,
-                                      self.bert.embeddings.word_embeddings.weight)  # [B, T, V]
+        logits = self.cls.predictions(out.last_hidden_state)  # [B, T, V]
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(),
                                    labels.to(logits.device).view(-1), ignore_index=-100)
         return _pack(return_dict, PlugLMMaskedLMOutput, loss, out.retrieval, logits=logits,
-                     hidden_states=out.hidden_states)
+                     hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 class PlugLMForSequenceClassification(PlugLMPreTrainedModel):
@@ -674,7 +902,7 @@ class PlugLMForSequenceClassification(PlugLMPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_hidden_states=None, output_retrieval=False,
+                inputs_embeds=None, labels=None, output_hidden_states=None, output_retrieval=None,
                 return_dict=None, memory=None, output_attentions=None):
         return_dict = self._return_dict(return_dict)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
@@ -698,7 +926,7 @@ class PlugLMForSequenceClassification(PlugLMPreTrainedModel):
             else:
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
         return _pack(return_dict, PlugLMSequenceClassifierOutput, loss, out.retrieval,
-                     logits=logits, hidden_states=out.hidden_states)
+                     logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 class PlugLMForQuestionAnswering(PlugLMPreTrainedModel):
@@ -713,7 +941,7 @@ class PlugLMForQuestionAnswering(PlugLMPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, start_positions=None, end_positions=None,
-                output_hidden_states=None, output_retrieval=False, return_dict=None, memory=None,
+                output_hidden_states=None, output_retrieval=None, return_dict=None, memory=None,
                 output_attentions=None):
         return_dict = self._return_dict(return_dict)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
@@ -728,7 +956,7 @@ class PlugLMForQuestionAnswering(PlugLMPreTrainedModel):
             loss = (F.cross_entropy(start.float(), sp, ignore_index=T)
                     + F.cross_entropy(end.float(), ep, ignore_index=T)) / 2
         return _pack(return_dict, PlugLMQuestionAnsweringOutput, loss, out.retrieval,
-                     start_logits=start, end_logits=end, hidden_states=out.hidden_states)
+                     start_logits=start, end_logits=end, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 class PlugLMForTokenClassification(PlugLMPreTrainedModel):
@@ -744,7 +972,7 @@ class PlugLMForTokenClassification(PlugLMPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_hidden_states=None, output_retrieval=False,
+                inputs_embeds=None, labels=None, output_hidden_states=None, output_retrieval=None,
                 return_dict=None, memory=None, output_attentions=None):
         return_dict = self._return_dict(return_dict)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
@@ -755,7 +983,7 @@ class PlugLMForTokenClassification(PlugLMPreTrainedModel):
             loss = F.cross_entropy(logits.view(-1, self.num_labels).float(),
                                    labels.to(logits.device).view(-1), ignore_index=-100)
         return _pack(return_dict, PlugLMTokenClassifierOutput, loss, out.retrieval,
-                     logits=logits, hidden_states=out.hidden_states)
+                     logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 __all__ = [
