@@ -479,6 +479,38 @@ class PlugLMPreTrainedModel(PreTrainedModel):
             blk.gradient_checkpointing = bool(enable) and i % every_n_layers == 0
             blk._gradient_checkpointing_func = func
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' ``from_pretrained``; with a ``device_map`` that offloads what PlugLM
+        reads directly (embeddings, knowledge encoder) it raises now, not at the forward."""
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict):
+            cls._check_device_map(device_map)
+        out = super().from_pretrained(*args, **kwargs)
+        model = out[0] if isinstance(out, tuple) else out
+        model._plug._check_not_offloaded()
+        return out
+
+    @classmethod
+    def _check_device_map(cls, device_map: dict):
+        devices = {str(d) for d in device_map.values()}
+        # "cpu" entries are offloaded (not run) when an accelerator is in the map
+        offloaded = {"disk"} | ({"cpu"} if devices - {"cpu", "disk"} else set())
+        prefix = "" if cls is PlugLMModel else cls.base_model_prefix + "."
+        direct = [prefix + "embeddings", prefix + "knowledge_encoder"]
+        if cls is PlugLMForMaskedLM:
+            direct.append("cls")
+        for key, dev in device_map.items():
+            if str(dev) not in offloaded:
+                continue
+            for name in direct:
+                if key in ("", name) or name.startswith(key + ".") or key.startswith(name + "."):
+                    raise ValueError(
+                        f"device_map offloads {key!r} ({dev}), which holds `{name}`: PlugLM reads "
+                        f"the embeddings, the knowledge encoder and the tied MLM head directly, "
+                        f"so they cannot be offloaded; offloading `{prefix}encoder` (the layers) "
+                        f"is supported")
+
     def __deepcopy__(self, memo):
         """Deep copy of the weights and buffers; the plugged-in memory is shared, not copied
         (the model never owns it, as for ``.to()`` and the state dict): the copy reads the
@@ -691,6 +723,7 @@ class PlugLMModel(PlugLMPreTrainedModel):
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != token_ids.shape:
             raise ValueError(f"attention_mask must be the raw 0/1 mask of token_ids' shape "
                              f"{tuple(token_ids.shape)}, got {tuple(getattr(attention_mask, 'shape', ()))}")
+        self._check_not_offloaded()
         emb = self.embeddings
         pool = self.knowledge_encoder.pooler
         device = emb.word_embeddings.weight.device
@@ -700,6 +733,19 @@ class PlugLMModel(PlugLMPreTrainedModel):
             emb.LayerNorm.bias, pool.w1, pool.b1, pool.w2, pool.b2, eps=emb.LayerNorm.eps,
             backend=self.config.kernel_backend)  # [E, d]
         return self.knowledge_encoder.key_proj(pooled), self.knowledge_encoder.value_proj(pooled)
+
+    def _check_not_offloaded(self):
+        """The embedding tables and the knowledge encoder are read directly (document
+        encoder, device of the inputs), not through module calls that accelerate's offload
+        hooks intercept: they must stay loaded. Offloading the layers works."""
+        for name in ("embeddings", "knowledge_encoder"):
+            for p in getattr(self, name).parameters():
+                if p.device.type == "meta":
+                    raise ValueError(
+                        f"PlugLM cannot run with `{name}` offloaded (device_map 'disk', or 'cpu' "
+                        f"offload beside an accelerator): it reads those weights directly. Map "
+                        f"`{name}` (and the MLM head `cls`, tied to the embeddings) to an "
+                        f"execution device; offloading `encoder` (the layers) is supported")
 
     def _reading_memory(self, memory):
         """The object the memory layers read for this forward (see the module docstring)."""
@@ -729,6 +775,7 @@ class PlugLMModel(PlugLMPreTrainedModel):
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
+        self._check_not_offloaded()
         device = self.embeddings.word_embeddings.weight.device
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
