@@ -26,6 +26,14 @@ the backbone's own embedding tables (fused ``pluglm_kernels.encode_knowledge``, 
 ``output_retrieval=True`` adds ``retrieval``: per memory layer a ``PlugLMRetrieval`` with
 ``indices`` [B, N] int64, ``scores`` [B, N] float32 and ``sources`` (nested lists, or None
 when the memory has no ``sources_of``).
+
+transformers features (README, "The model classes and transformers"): self-attention is
+SDPA or, with ``attn_implementation="eager"`` or ``output_attentions``, an explicit softmax
+whose probabilities [B, H, T, T] go to ``attentions``; ``output_attentions`` also fills
+``retrieval[i].attentions`` with the knowledge-attention probabilities [B, T, H, N] (and
+makes ``output_retrieval`` default to True). Gradient checkpointing covers every layer; a
+checkpointed memory layer's recompute reuses the retrieval of its first forward.
+``copy.deepcopy(model)`` shares the plugged-in memory.
 """
 from __future__ import annotations
 
@@ -238,6 +246,8 @@ class PlugLMLayer(nn.Module):
 class PlugLMMemoryBlock(nn.Module):
     """A memory layer: attention, then ``pluglm.nn.MemoryLayer`` in place of the full FFN."""
 
+    gradient_checkpointing = False
+
     def __init__(self, config: PlugLMConfig):
         super().__init__()
         self.attention = PlugLMAttention(config)
@@ -248,8 +258,6 @@ class PlugLMMemoryBlock(nn.Module):
             attention_type=config.knowledge_attention, dropout=config.hidden_dropout_prob,
             attention_dropout=config.memory_attention_dropout,
             layer_norm_eps=config.layer_norm_eps, backend=config.kernel_backend)
-
-    gradient_checkpointing = False
 
     def forward(self, x, attn_bias, mask, memory, eager=False, output_attentions=False):
         a, probs = self.attention(x, attn_bias, eager)
@@ -695,9 +703,10 @@ class PlugLMModel(PlugLMPreTrainedModel):
     """The PlugLM backbone: embeddings, BERT layers, memory layers on top, optional pooler.
 
     forward(input_ids [B, T], attention_mask [B, T] raw 0/1, token_type_ids, position_ids,
-    inputs_embeds, output_hidden_states, output_retrieval, return_dict, memory=None) ->
-    PlugLMModelOutput(last_hidden_state [B, T, d], pooler_output [B, d] | None,
-    hidden_states, retrieval). ``memory=`` overrides the plugged-in memory for this call.
+    inputs_embeds, output_hidden_states, output_retrieval, return_dict, memory=None,
+    output_attentions) -> PlugLMModelOutput(last_hidden_state [B, T, d], pooler_output
+    [B, d] | None, hidden_states, attentions, retrieval). ``memory=`` overrides the
+    plugged-in memory for this call.
     """
 
     def __init__(self, config: PlugLMConfig, add_pooling_layer: bool = True):
