@@ -874,7 +874,8 @@ class PlugLMLMPredictionHead(nn.Module):
         self.transform = PlugLMPredictionHeadTransform(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))  # [V]
-        self.decoder.bias = self.bias
+        if not _TRANSFORMERS_5:  # 5.x ties the bias through _tied_weights_keys, as BERT
+            self.decoder.bias = self.bias
 
     def _tie_weights(self):
         # transformers 4.x calls this after tie_weights(): keep one bias parameter
