@@ -619,6 +619,7 @@ class PlugLMPreTrainedModel(PreTrainedModel):
         """Memory entries -> (keys [E, key_dim], values [E, d]); differentiable (wrap in
         no_grad to build a memory). token_ids [E, L] int16/int32/int64, attention_mask
         [E, L] raw 0/1; moved to the model's device when elsewhere."""
+        self._plug._check_not_offloaded()
         return self._plug._encode_memory(token_ids, attention_mask)
 
     def precompute_tables(self, *, dtype: torch.dtype | None = None, chunk_size: int = 65536):
@@ -732,7 +733,6 @@ class PlugLMModel(PlugLMPreTrainedModel):
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != token_ids.shape:
             raise ValueError(f"attention_mask must be the raw 0/1 mask of token_ids' shape "
                              f"{tuple(token_ids.shape)}, got {tuple(getattr(attention_mask, 'shape', ()))}")
-        self._check_not_offloaded()
         emb = self.embeddings
         pool = self.knowledge_encoder.pooler
         device = emb.word_embeddings.weight.device
