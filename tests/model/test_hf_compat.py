@@ -110,13 +110,8 @@ def assert_close(a, b, rtol, what=""):
 def test_resize_token_embeddings(cls, tokenizer, tmp_path, fresh_seed):
     model = make_model(cls, tokenizer).eval()
     V = model.config.vocab_size
-    out_emb = model.get_output_embeddings()
-    if cls is PlugLMForMaskedLM:
-        assert out_emb is model.cls.predictions.decoder
-        assert out_emb.weight is model.get_input_embeddings().weight  # tied as in BERT
-        assert out_emb.bias is model.cls.predictions.bias
-    else:
-        assert out_emb is None
+    # tied (the default) the decoder is the word-embedding matrix itself: no separate module
+    assert model.get_output_embeddings() is None
     for new in (V + 7, V + 2):  # grow, then shrink (not below the memory's vocabulary)
         model.resize_token_embeddings(new)
         assert model.config.vocab_size == new
@@ -126,9 +121,7 @@ def test_resize_token_embeddings(cls, tokenizer, tmp_path, fresh_seed):
         with torch.no_grad():
             out = model(ids, attention_mask=mask)
         if cls is PlugLMForMaskedLM:
-            head = model.get_output_embeddings()
-            assert head.weight is model.get_input_embeddings().weight
-            assert head.bias is model.cls.predictions.bias and head.bias.shape == (new,)
+            assert model.cls.predictions.bias.shape == (new,)
             assert out.logits.shape[-1] == new
         assert torch.isfinite(main_output(out)).all()
     model.save_pretrained(tmp_path)
@@ -137,9 +130,22 @@ def test_resize_token_embeddings(cls, tokenizer, tmp_path, fresh_seed):
         assert torch.equal(main_output(back(ids, attention_mask=mask)), main_output(out))
 
 
-def test_untied_decoder_is_its_own_matrix(tokenizer, fresh_seed):
-    model = make_model(PlugLMForMaskedLM, tokenizer, tie_word_embeddings=False)
-    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+@pytest.mark.parametrize("untie", ["tie_word_embeddings=False", "compat=published"])
+def test_resize_untied_decoder(untie, tokenizer, fresh_seed):
+    kw = {"tie_word_embeddings": False} if untie.startswith("tie") else {"compat": "published"}
+    model = make_model(PlugLMForMaskedLM, tokenizer, **kw).eval()
+    head = model.get_output_embeddings()
+    assert head is model.cls.predictions.decoder and head.bias is None
+    assert head.weight is not model.get_input_embeddings().weight
+    V = model.config.vocab_size
+    model.resize_token_embeddings(V + 5)
+    head = model.get_output_embeddings()
+    assert head.weight.shape[0] == V + 5 and model.cls.predictions.bias.shape == (V + 5,)
+    assert head.weight is not model.get_input_embeddings().weight
+    ids, mask = inputs(model.config)
+    ids[0, 1] = V + 4
+    with torch.no_grad():
+        assert model(ids, attention_mask=mask).logits.shape[-1] == V + 5
 
 
 # --------------------------------------------------- 2. torch.export / torch.compile
@@ -201,7 +207,7 @@ def test_knowledge_memory_copy_and_deepcopy(tokenizer, fresh_seed):
     shallow, deep = copy.copy(km), copy.deepcopy(km)
     for c in (shallow, deep):
         assert isinstance(c, KnowledgeMemory) and len(c) == len(km) and c.version == km.version
-        assert c._lock is not km._lock and c._index_lock is not km._index_lock
+        assert c._lock is not km._lock and c._faiss is not km._faiss
         got = c.search(q, 3)
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
         assert c.texts == km.texts and c.sources == km.sources
