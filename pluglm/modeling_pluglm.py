@@ -554,8 +554,6 @@ class PlugLMPreTrainedModel(PreTrainedModel):
         offloaded = {"disk"} | ({"cpu"} if devices - {"cpu", "disk"} else set())
         prefix = "" if cls is PlugLMModel else cls.base_model_prefix + "."
         direct = [prefix + "embeddings", prefix + "knowledge_encoder"]
-        if cls is PlugLMForMaskedLM:
-            direct.append("cls")
         for key, dev in device_map.items():
             if str(dev) not in offloaded:
                 continue
@@ -563,9 +561,9 @@ class PlugLMPreTrainedModel(PreTrainedModel):
                 if key in ("", name) or name.startswith(key + ".") or key.startswith(name + "."):
                     raise ValueError(
                         f"device_map offloads {key!r} ({dev}), which holds `{name}`: PlugLM reads "
-                        f"the embeddings, the knowledge encoder and the tied MLM head directly, "
-                        f"so they cannot be offloaded; offloading `{prefix}encoder` (the layers) "
-                        f"is supported")
+                        f"the embeddings (also the tied MLM decoder) and the knowledge encoder "
+                        f"directly, so they cannot be offloaded; offloading `{prefix}encoder` "
+                        f"(the layers) is supported")
 
     def __deepcopy__(self, memo):
         """Deep copy of the weights and buffers; the plugged-in memory is shared, not copied
@@ -794,8 +792,8 @@ class PlugLMModel(PlugLMPreTrainedModel):
                     raise ValueError(
                         f"PlugLM cannot run with `{name}` offloaded (device_map 'disk', or 'cpu' "
                         f"offload beside an accelerator): it reads those weights directly. Map "
-                        f"`{name}` (and the MLM head `cls`, tied to the embeddings) to an "
-                        f"execution device; offloading `encoder` (the layers) is supported")
+                        f"`{name}` to an execution device; offloading `encoder` (the layers) is "
+                        f"supported")
 
     def _reading_memory(self, memory):
         """The object the memory layers read for this forward (see the module docstring)."""

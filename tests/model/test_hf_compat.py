@@ -1,7 +1,7 @@
 """The five PlugLM classes behave like transformers models (issue 18), tested the way
 transformers tests its models: a tiny config, every class, one behaviour per test.
 
-1. output-embedding accessors and BERT's ties, so ``resize_token_embeddings`` works;
+1. ``resize_token_embeddings`` for every head (the MLM bias and an untied decoder too);
 2. ``torch.export`` and ``torch.compile(fullgraph=True)`` with a ``KnowledgeMemory``;
 3. ``copy.deepcopy`` of a model with a memory plugged in, and of the memory itself;
 4. ``attn_implementation`` "sdpa" (default) and "eager", reported and equivalent;
@@ -443,8 +443,8 @@ def test_knowledge_attention_probabilities(path, attention, tokenizer, fresh_see
 @pytest.mark.parametrize("cls", ALL_MODEL_CLASSES, ids=CLASS_IDS)
 def test_device_map_cpu_and_disk_offload(cls, tokenizer, tmp_path, fresh_seed):
     """device_map="cpu" loads as usual; offloading the layers to disk works (inference);
-    offloading what the model reads directly (embeddings, knowledge encoder, tied MLM
-    head) fails at load with a message saying what may be offloaded."""
+    offloading what the model reads directly (embeddings, knowledge encoder) fails at
+    load with a message saying what may be offloaded."""
     pytest.importorskip("accelerate")
     model = make_model(cls, tokenizer).eval()
     model.save_pretrained(tmp_path / "m")
