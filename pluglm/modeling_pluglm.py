@@ -914,8 +914,10 @@ class PlugLMLMPredictionHead(nn.Module):
         super().__init__()
         self.transform = PlugLMPredictionHeadTransform(config)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))  # [V]
-        untied = ("untied_decoder" in config.published_differences
-                  or not getattr(config, "tie_word_embeddings", True))
+        if getattr(config, "compat", "paper") == "published":  # its differences decide
+            untied = "untied_decoder" in config.published_differences
+        else:
+            untied = not getattr(config, "tie_word_embeddings", True)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if untied else None
 
     def fit_bias(self, V: int):
