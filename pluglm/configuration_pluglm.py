@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 
 KNOWLEDGE_ATTENTION_TYPES = ("multi_head", "sentence_level")
 KERNEL_BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+RETRIEVAL_INITS = ("aligned", "random")
 
 
 def _int(name, v, lo):
@@ -42,6 +43,10 @@ class PlugLMConfig(PretrainedConfig):
       memory_attention_dropout: dropout on the knowledge-attention probabilities.
       kernel_backend: backend of the pluglm_kernels ops ("auto", "triton", "cuda", "cpu",
         "reference").
+      retrieval_init: "aligned" (default) starts every memory layer's query side (pooler,
+        W_q) as a copy of the document side (doc pooler, W_k), so that a fresh model already
+        retrieves by word overlap and the gold entry is in the top-N from step one (the
+        cold-start fix, docs/design.md §1); "random" keeps independent random inits.
     """
 
     model_type = "pluglm"
@@ -53,7 +58,8 @@ class PlugLMConfig(PretrainedConfig):
                  layer_norm_eps=1e-12, pad_token_id=0, classifier_dropout=None,
                  num_memory_layers=1, memory_k=5, key_dim=128, doc_max_length=288,
                  memory_ffn_dim=768, knowledge_attention="multi_head", refresh_interval=200,
-                 memory_attention_dropout=0.1, kernel_backend="auto", **kwargs):
+                 memory_attention_dropout=0.1, kernel_backend="auto", retrieval_init="aligned",
+                 **kwargs):
         for name, v, lo in (("vocab_size", vocab_size, 1), ("hidden_size", hidden_size, 1),
                             ("num_hidden_layers", num_hidden_layers, 1),
                             ("num_attention_heads", num_attention_heads, 1),
@@ -86,6 +92,8 @@ class PlugLMConfig(PretrainedConfig):
                              f"got {knowledge_attention!r}")
         if kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {kernel_backend!r}")
+        if retrieval_init not in RETRIEVAL_INITS:
+            raise ValueError(f"retrieval_init must be one of {RETRIEVAL_INITS}, got {retrieval_init!r}")
         if not isinstance(layer_norm_eps, (int, float)) or isinstance(layer_norm_eps, bool) \
                 or not layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be a positive float, got {layer_norm_eps!r}")
@@ -112,7 +120,8 @@ class PlugLMConfig(PretrainedConfig):
         self.refresh_interval = refresh_interval
         self.memory_attention_dropout = memory_attention_dropout
         self.kernel_backend = kernel_backend
+        self.retrieval_init = retrieval_init
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
 
-__all__ = ["PlugLMConfig", "KNOWLEDGE_ATTENTION_TYPES", "KERNEL_BACKENDS"]
+__all__ = ["PlugLMConfig", "KNOWLEDGE_ATTENTION_TYPES", "KERNEL_BACKENDS", "RETRIEVAL_INITS"]
