@@ -391,7 +391,8 @@ class PlugLMPreTrainedModel(PreTrainedModel):
         return [blk.memory for blk in self._plug.encoder.layer if isinstance(blk, PlugLMMemoryBlock)]
 
     @torch.no_grad()
-    def align_retrieval(self, memory=None, *, sample: int = 4096):
+    def align_retrieval(self, memory=None, *, sample: int = 4096, value_gain: float = 4.0,
+                        beta: float = 8.0):
         """Make every memory layer's query side a copy of the document side: query pooler
         := doc pooler, W_q := W_k (config.retrieval_init="aligned" does this at init).
 
@@ -401,6 +402,13 @@ class PlugLMPreTrainedModel(PreTrainedModel):
         self-attention output is close to the token embeddings that the document encoder
         pools: with both sides sharing weights, q . k_i scores the word overlap of query and
         entry, and the gold entry (the one naming the same entity) is retrieved from step one.
+
+        The read path starts open too: W_v = ``value_gain`` * I and, in multi-head knowledge
+        attention, W_V = W_O = I, with beta = ``beta``. With BERT's 0.02-std init the memory's
+        contribution to a token is ~1e-3 of the residual stream and the gradient that would
+        teach the model to read it is as small; the cosine bias beta * c_j with beta = 1
+        cannot single out the best of the N entries either. (An initialisation: call it on a
+        fresh model, not a trained one.)
 
         With ``memory`` (anything with ``token_ids_of``; up to ``sample`` of its entries are
         read), the key and value biases are also set so that keys and values are centred over
@@ -419,6 +427,18 @@ class PlugLMPreTrainedModel(PreTrainedModel):
                 dst.copy_(src)
             layer.query_proj.weight.copy_(doc.key_proj.weight)
             layer.query_proj.bias.copy_(doc.key_proj.bias)
+            ka = layer.knowledge_attention
+            for proj in (getattr(ka, "v_proj", None), getattr(ka, "out_proj", None)):
+                if proj is not None and proj.weight.shape[0] == proj.weight.shape[1]:
+                    proj.weight.copy_(torch.eye(proj.weight.shape[0]))
+                    if proj.bias is not None:
+                        proj.bias.zero_()
+            if getattr(ka, "beta", None) is not None:
+                ka.beta.fill_(beta)
+        vp = doc.value_proj
+        if vp.weight.shape[0] == vp.weight.shape[1]:
+            vp.weight.copy_(value_gain * torch.eye(vp.weight.shape[0]))
+            vp.bias.zero_()
         if memory is not None:
             n = len(memory)
             ids = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:sample] if n > sample \

@@ -15,6 +15,12 @@ held-out entities (facts in the memory, never in a training query):
 * a refresh-interval ablation (1, 20, 200 steps, never) and the same run with
   ``kernel_backend="reference"``.
 
+Training recipe (what made it reliable: benchmarks/NOTES.md, "Quality"): the model's
+default ``retrieval_init="aligned"``, ``model.align_retrieval(memory)`` once the memory is
+built (centred keys and values), ``pluglm.training.RetrievalAlignment`` added to the loss,
+and batches that mix queries with masked memory entries of the *training* entities (the
+paper's corpus MLM; held-out entries never appear in a batch).
+
 ``run_quality(QualityConfig.make(quick, seed))`` returns the result dict; ``write_all``
 writes quality.json, quality.md and the plots. Fractions are in [0, 1].
 """
@@ -46,9 +52,9 @@ class QualityConfig:
     layers: int = 2
     heads: int = 4
     key_dim: int = 64
-    memory_k: int = 8
+    memory_k: int = 4
     knowledge_attention: str = "multi_head"
-    steps: int = 1200
+    steps: int = 1600
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 50
@@ -64,6 +70,7 @@ class QualityConfig:
     n_edit: int = 500
     n_remove: int = 500
     ablation: tuple = (1, 20, 200, 0)  # refresh intervals (0 = never) run with seed
+    ablation_steps: int = 800          # steps of the ablation and backend-check runs
     backend_check: bool = True
     threads: int | None = None         # torch threads (None = leave as is)
     quick: bool = False
@@ -71,7 +78,7 @@ class QualityConfig:
     @classmethod
     def make(cls, quick: bool = False, seed: int = 0, **kw) -> "QualityConfig":
         if quick:
-            base = cls(seed=seed, seeds=1, n_a=2000, n_b=500, heldout=600, steps=500,
+            base = cls(seed=seed, seeds=1, n_a=2000, n_b=500, heldout=600, steps=700,
                        eval_every=100, curve_queries=200, n_edit=300, n_remove=300,
                        ablation=(), backend_check=False, quick=True)
         else:
@@ -414,28 +421,25 @@ def run_quality(cfg: QualityConfig, log=print) -> dict:
     result["params_unchanged"] = all(r["params_unchanged"] for r in per_seed)
 
     ablation = []
+    short = replace(cfg, steps=cfg.ablation_steps)
     for interval in cfg.ablation:
-        if interval == cfg.refresh_interval and cfg.seed in trained:
-            r = trained[cfg.seed]
-            ablation.append({"refresh_interval": interval, "accuracy_right_memory": r["accuracy_right_memory"],
-                             "gold_recall": r["gold_recall"], "train_s": r["train_s"],
-                             "refreshes": r["refreshes"]})
-            continue
-        model, info = train(cfg, data, cfg.seed, refresh_interval=interval)
+        model, info = train(short, data, cfg.seed, refresh_interval=interval)
         a, rec = _right(model, data)
-        ablation.append({"refresh_interval": interval, "accuracy_right_memory": a, "gold_recall": rec,
-                         "train_s": info["train_s"], "refreshes": info["refreshes"]})
-        log(f"refresh every {interval or 'never'}: accuracy {a:.3f} recall {rec:.3f} "
+        ablation.append({"refresh_interval": interval, "steps": short.steps, "accuracy_right_memory": a,
+                         "gold_recall": rec, "train_s": info["train_s"], "refreshes": info["refreshes"]})
+        log(f"refresh every {interval or 'never'} ({short.steps} steps): accuracy {a:.3f} recall {rec:.3f} "
             f"train {info['train_s']:.0f}s ({info['refreshes']} refreshes)")
     result["refresh_ablation"] = ablation
 
     if cfg.backend_check:
-        model, info = train(cfg, data, cfg.seed, backend="reference")
+        auto = next((r for r in ablation if r["refresh_interval"] == cfg.refresh_interval), None)
+        model, info = train(short, data, cfg.seed, backend="reference")
         a, rec = _right(model, data)
-        result["backend_check"] = {"backend": "reference", "seed": cfg.seed, "accuracy_right_memory": a,
-                                   "gold_recall": rec, "train_s": info["train_s"],
-                                   "auto_accuracy_right_memory": trained[cfg.seed]["accuracy_right_memory"]}
-        log(f"backend reference: accuracy {a:.3f} recall {rec:.3f} train {info['train_s']:.0f}s")
+        result["backend_check"] = {"backend": "reference", "seed": cfg.seed, "steps": short.steps,
+                                   "accuracy_right_memory": a, "gold_recall": rec, "train_s": info["train_s"],
+                                   "auto_accuracy_right_memory": auto and auto["accuracy_right_memory"],
+                                   "auto_train_s": auto and auto["train_s"]}
+        log(f"backend reference ({short.steps} steps): accuracy {a:.3f} recall {rec:.3f} train {info['train_s']:.0f}s")
     result["total_s"] = time.perf_counter() - t_start
     return result
 
@@ -482,7 +486,10 @@ def to_markdown(result: dict) -> str:
     lines.append(f"| unrelated entries' accuracy after removal | kept {_pct(result['kept_accuracy_after'])} "
                  f"(before {_pct(result['kept_accuracy_before'])}) | unchanged |")
     if result.get("refresh_ablation"):
-        lines += ["", "| key refresh | accuracy | gold in top-N | train wall time | refreshes |",
+        lines += ["", f"Refresh ablation, seed {result['config']['seed']}, "
+                      f"{result['refresh_ablation'][0]['steps']} steps each (wall times on a shared machine "
+                      f"include contention):", "",
+                  "| key refresh | accuracy | gold in top-N | train wall time | refreshes |",
                   "|---|---|---|---|---|"]
         for r in result["refresh_ablation"]:
             iv = r["refresh_interval"]
@@ -490,8 +497,9 @@ def to_markdown(result: dict) -> str:
                          f"{_pct(r['gold_recall'])} | {r['train_s']:.0f} s | {r['refreshes']} |")
     if result.get("backend_check"):
         b = result["backend_check"]
-        lines += ["", f"Backend check (seed {b['seed']}): reference {_pct(b['accuracy_right_memory'])} vs "
-                      f"auto {_pct(b['auto_accuracy_right_memory'])} (train {b['train_s']:.0f} s)."]
+        lines += ["", f"Backend check (seed {b['seed']}, {b['steps']} steps): kernel_backend='reference' "
+                      f"{_pct(b['accuracy_right_memory'])} vs 'auto' {_pct(b['auto_accuracy_right_memory'])} "
+                      f"(train {b['train_s']:.0f} s vs {b['auto_train_s'] or 0:.0f} s)."]
     lines += ["", f"Total wall time {result['total_s'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
