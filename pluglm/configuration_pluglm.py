@@ -46,7 +46,9 @@ class PlugLMConfig(PretrainedConfig):
       retrieval_init: "aligned" (default) starts every memory layer's query side (pooler,
         W_q) as a copy of the document side (doc pooler, W_k), so that a fresh model already
         retrieves by word overlap and the gold entry is in the top-N from step one (the
-        cold-start fix, docs/design.md §1); "random" keeps independent random inits.
+        cold-start fix, docs/design.md §1; for training from scratch also call
+        ``model.align_retrieval(memory)`` and add ``pluglm.training.RetrievalAlignment``);
+        "random" keeps independent random inits.
     """
 
     model_type = "pluglm"

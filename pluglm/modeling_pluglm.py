@@ -392,7 +392,7 @@ class PlugLMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def align_retrieval(self, memory=None, *, sample: int = 4096, value_gain: float = 4.0,
-                        beta: float = 8.0):
+                        beta: float = 8.0, open_read_path: bool | None = None):
         """Make every memory layer's query side a copy of the document side: query pooler
         := doc pooler, W_q := W_k (config.retrieval_init="aligned" does this at init).
 
@@ -403,7 +403,9 @@ class PlugLMPreTrainedModel(PreTrainedModel):
         pools: with both sides sharing weights, q . k_i scores the word overlap of query and
         entry, and the gold entry (the one naming the same entity) is retrieved from step one.
 
-        The read path starts open too: W_v = ``value_gain`` * I and, in multi-head knowledge
+        ``open_read_path`` (default: when ``memory`` is given; the construction-time call
+        leaves it closed, so a fresh model keeps BERT's init elsewhere) opens the read path
+        too: W_v = ``value_gain`` * I and, in multi-head knowledge
         attention, W_V = W_O = I, with beta = ``beta``. With BERT's 0.02-std init the memory's
         contribution to a token is ~1e-3 of the residual stream and the gradient that would
         teach the model to read it is as small; the cosine bias beta * c_j with beta = 1
@@ -418,6 +420,8 @@ class PlugLMPreTrainedModel(PreTrainedModel):
         memory afterwards. Returns self."""
         plug = self._plug
         doc = plug.knowledge_encoder
+        if open_read_path is None:
+            open_read_path = memory is not None
         for layer in self.memory_layers():
             for name in ("w1", "b1", "w2", "b2"):
                 src, dst = getattr(doc.pooler, name), getattr(layer.pooler, name)
@@ -427,6 +431,8 @@ class PlugLMPreTrainedModel(PreTrainedModel):
                 dst.copy_(src)
             layer.query_proj.weight.copy_(doc.key_proj.weight)
             layer.query_proj.bias.copy_(doc.key_proj.bias)
+            if not open_read_path:
+                continue
             ka = layer.knowledge_attention
             for proj in (getattr(ka, "v_proj", None), getattr(ka, "out_proj", None)):
                 if proj is not None and proj.weight.shape[0] == proj.weight.shape[1]:
@@ -436,7 +442,7 @@ class PlugLMPreTrainedModel(PreTrainedModel):
             if getattr(ka, "beta", None) is not None:
                 ka.beta.fill_(beta)
         vp = doc.value_proj
-        if vp.weight.shape[0] == vp.weight.shape[1]:
+        if open_read_path and vp.weight.shape[0] == vp.weight.shape[1]:
             vp.weight.copy_(value_gain * torch.eye(vp.weight.shape[0]))
             vp.bias.zero_()
         if memory is not None:
