@@ -57,6 +57,11 @@ class PlugLMConfig(PretrainedConfig):
         cold-start fix, docs/design.md §1; for training from scratch also call
         ``model.align_retrieval(memory)`` and add ``pluglm.training.RetrievalAlignment``);
         "random" keeps independent random inits.
+
+    transformers options handled as in BERT: tie_word_embeddings (MLM decoder = word
+    embeddings; default True, False with compat="published"), output_attentions /
+    output_hidden_states, and ``attn_implementation`` "sdpa" (default) or "eager"; other
+    implementations raise.
     """
 
     model_type = "pluglm"
@@ -69,7 +74,7 @@ class PlugLMConfig(PretrainedConfig):
                  num_memory_layers=1, memory_k=5, key_dim=128, doc_max_length=288,
                  memory_ffn_dim=768, knowledge_attention="multi_head", refresh_interval=200,
                  memory_attention_dropout=0.1, kernel_backend="auto", compat="paper",
-                 retrieval_init="aligned", **kwargs):
+                 retrieval_init="aligned", tie_word_embeddings=None, **kwargs):
         for name, v, lo in (("vocab_size", vocab_size, 1), ("hidden_size", hidden_size, 1),
                             ("num_hidden_layers", num_hidden_layers, 1),
                             ("num_attention_heads", num_attention_heads, 1),
@@ -134,10 +139,14 @@ class PlugLMConfig(PretrainedConfig):
         self.kernel_backend = kernel_backend
         self.retrieval_init = retrieval_init
         self.compat = compat
-        if compat == "published":
-            # its decoder is its own matrix: transformers must never tie it on load
-            kwargs.setdefault("tie_word_embeddings", False)
-        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        # transformers 5.x ties the MLM decoder to the word embeddings only when the config
+        # says so (4.x defaulted it to True in the base config). The published checkpoint's
+        # decoder is its own matrix: never tied on load.
+        if tie_word_embeddings is None:
+            tie_word_embeddings = compat != "published"
+        self.tie_word_embeddings = bool(tie_word_embeddings)
+        super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=bool(tie_word_embeddings),
+                         **kwargs)
 
     @property
     def published_differences(self) -> frozenset:
