@@ -331,7 +331,10 @@ __global__ void __launch_bounds__(kThreads) mips_stage1_kernel(Params p) {
           if (ok) {
             float s = ss[qi * L::kLds + n];
             if (p.scales != nullptr) s *= p.scales[row];
-            packed = mips_pack(s, row);
+            // NaN (a NaN key row or scale) packs above +inf (sign bit clear): never a
+            // candidate, as on the CPU kernel and the reference. Tested after the scale.
+            if (s != s) ok = false;
+            else packed = mips_pack(s, row);
           }
           bool take = ok && packed > thr;
           unsigned ballot = __ballot_sync(0xffffffffu, take);
@@ -470,8 +473,11 @@ std::tuple<at::Tensor, at::Tensor> mips_topk_cuda(const at::Tensor& queries,
   TORCH_CHECK(k >= 1 && k <= 2048 && k <= M, "mips_topk: k must be in [1, min(2048, M=", M,
               ")], got ", k);
   TORCH_CHECK(M <= kMipsMaxRows, "mips_topk: keys has ", M, " rows; at most ", kMipsMaxRows);
-  TORCH_CHECK(keys.stride(1) == 1 && keys.stride(0) == d,
-              "mips_topk: keys must be contiguous row-major [M, d]");
+  // torch's rule, as the Python wrapper and the CPU kernel apply it: a dimension of size 1
+  // may have any stride (an [1, d] row view of a wider table is contiguous). The kernel
+  // only forms row * d + col, so a stride that is never stepped over is never read.
+  TORCH_CHECK(keys.is_contiguous(), "mips_topk: keys must be contiguous row-major [M, d], got strides ",
+              keys.strides());
   const auto kdt = keys.scalar_type(), qdt = queries.scalar_type();
   TORCH_CHECK(kdt == at::kFloat || kdt == at::kHalf || kdt == at::kBFloat16 || kdt == at::kChar,
               "mips_topk: keys must be float32, float16, bfloat16 or int8, got ", kdt);

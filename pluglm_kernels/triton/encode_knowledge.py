@@ -147,6 +147,10 @@ def _pool_ds_kernel(G, X, ALPHA, DS, T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.co
         a = tl.load(ALPHA + b * T + t, mask=mt, other=0.0)
         gp += a * da
         tl.store(DS + b * T + t, da, mask=mt)
+    # The loop below reads DS back in another register layout than the reduction that
+    # stored it, so an element may be read by a different thread than wrote it: a CTA
+    # barrier orders those global stores before the loads (no-op in the interpreter).
+    tl.debug_barrier()
     gsum = tl.sum(gp, 0)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)

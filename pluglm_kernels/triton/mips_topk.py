@@ -138,7 +138,10 @@ def _mips_stage1(Q, K, SCALES, VALID, CAND, B, M, D, rows_per_split, k,
         keep = n_mask
         if HAS_VALID:
             keep = keep & (tl.load(VALID + offs_n, mask=n_mask, other=0) != 0)
-        packed = tl.where(keep[None, :], _pack(s, offs_n[None, :]), SENT)  # [BQ, BLOCK_N]
+        # A NaN score (a NaN key row, or a NaN scale) is the canonical NaN, sign bit clear,
+        # which _pack would map above +inf: exclude it here, after the scale, as the CPU
+        # kernel and the reference do.
+        packed = tl.where(keep[None, :] & (s == s), _pack(s, offs_n[None, :]), SENT)  # [BQ, BLOCK_N]
         beats = (packed > kth[:, None]).to(tl.int32)
         if tl.max(tl.max(beats, axis=1), axis=0) > 0:
             best = _merge(best, packed, BQ, BLOCK_N, K_PAD)
