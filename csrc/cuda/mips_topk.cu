@@ -186,8 +186,12 @@ __device__ __forceinline__ void store_chunk(const KeyRegs<KT>& regs, CT* ks) {
   }
 }
 
+// At least 2 resident blocks per SM: the register cap is then 128, which every variant
+// fits without spills (ptxas -v, sm_90, CUDA 13.0), and shared memory allows no more than
+// 2 blocks of the largest variants anyway. With no minimum, ptxas capped registers near
+// 80 and spilled up to 348 B per thread (benchmarks/NOTES.md, issue 13).
 template <class KT, class QT_, class CT, int NQF>
-__global__ void __launch_bounds__(kThreads) mips_stage1_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 2) mips_stage1_kernel(Params p) {
   using L = Layout<CT>;
   constexpr int QT = 16 * NQF;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -233,9 +237,18 @@ __global__ void __launch_bounds__(kThreads) mips_stage1_kernel(Params p) {
   const bool vec_ok = p.vec_ok;
   if (nsteps > 0) load_chunk<KT>(kg, dim, vec_ok, row_lo, row_hi, 0, reg);
 
+  // (tile, chunk) of a step are counted, not divided out of it: a 64-bit division is a
+  // called subroutine on the GPU (two CALLs per step in the SASS, registers saved around
+  // each).
+  int64_t tile = 0;
+  int c = 0;
   for (int64_t step = 0; step < nsteps; ++step) {
-    const int64_t tile = step / nchunks;
-    const int c = int(step % nchunks);
+    int next_c = c + 1;
+    int64_t next_tile = tile;
+    if (next_c == nchunks) {
+      next_c = 0;
+      ++next_tile;
+    }
     const int64_t tile_row0 = row_lo + tile * kTN;
     const int64_t d0 = int64_t(c) * kDK;
     __syncthreads();  // the previous chunk's readers are done with ks / qs
@@ -248,9 +261,8 @@ __global__ void __launch_bounds__(kThreads) mips_stage1_kernel(Params p) {
     }
     __syncthreads();
     if (step + 1 < nsteps) {  // next chunk in flight while this one is multiplied
-      const int64_t nt = (step + 1) / nchunks;
-      load_chunk<KT>(kg, dim, vec_ok, row_lo + nt * kTN, row_hi,
-                     int64_t((step + 1) % nchunks) * kDK, reg);
+      load_chunk<KT>(kg, dim, vec_ok, row_lo + next_tile * kTN, row_hi, int64_t(next_c) * kDK,
+                     reg);
     }
 
     if constexpr (L::kTensorCore) {
@@ -355,6 +367,8 @@ __global__ void __launch_bounds__(kThreads) mips_stage1_kernel(Params p) {
         }
       }
     }
+    c = next_c;
+    tile = next_tile;
   }
 
   __syncthreads();

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from pluglm_kernels._backends import TRITON_OPS
+from pluglm_kernels.triton._device import on_tensor_device
 
 _BLOCK_T = 16
 _BLOCK_H = 64
@@ -245,6 +246,7 @@ def _check_tables(token_ids, word, pos, type_, position_offset):
     return E, T, word.shape[1]
 
 
+@on_tensor_device
 def embed_layernorm_fwd(token_ids, token_type_ids, word, pos, type_, ln_w, ln_b, eps,
                         position_offset):
     E, T, D = _check_tables(token_ids, word, pos, type_, position_offset)
@@ -266,6 +268,7 @@ def _mask_i8(mask):
     return (mask != 0).to(torch.int8).contiguous()
 
 
+@on_tensor_device
 def attentive_pool_fwd(x, mask, u, w2, b2):
     B, T, D = x.shape
     Hp = u.shape[2]
@@ -286,6 +289,7 @@ def attentive_pool_fwd(x, mask, u, w2, b2):
     return pooled, alpha
 
 
+@on_tensor_device
 def attentive_pool_bwd(grad, x, mask, u, w2, alpha):
     B, T, D = x.shape
     Hp = u.shape[2]
@@ -309,6 +313,7 @@ def attentive_pool_bwd(grad, x, mask, u, w2, alpha):
     return dx, du, dw2_part.sum(0), torch.zeros(1, dtype=torch.float32, device=x.device)
 
 
+@on_tensor_device
 def embed_layernorm_bwd(dh, token_ids, token_type_ids, word, pos, type_, ln_w, mean, rstd,
                         position_offset):
     E, T, D = _check_tables(token_ids, word, pos, type_, position_offset)

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from pluglm_kernels._backends import TRITON_OPS
+from pluglm_kernels.triton._device import on_tensor_device
 
 TRITON_OPS.add("mips_topk")
 
@@ -168,13 +169,16 @@ def _unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scores.contiguous(), idx.contiguous()
 
 
-def _config(B: int, M: int, d: int, k: int, elem: int, device: torch.device):
+def _config(B: int, M: int, d: int, k: int, dot_f32: bool, device: torch.device):
     K_PAD = max(16, _next_pow2(k))
     # rows kept per program: bounds the register buffer to BQ * K_PAD <= 4096 packed values
     BQ = max(1, min(64, 4096 // K_PAD, _next_pow2(B)))
     BQ_DOT = max(16, BQ)
     BLOCK_N = 64 if K_PAD <= 64 else 128
-    BLOCK_D = max(16, min(_next_pow2(d), 128 if elem <= 2 else 64))
+    # The dot's operand width sets the chunk of d, not the keys' storage: f16/int8 keys
+    # widened for an f32 dot with 128-wide chunks spilled ~8.5-15 KB per thread under
+    # triton 3.6 (BQ >= 32); 64 compiles spill-free (benchmarks/NOTES.md, issue 13).
+    BLOCK_D = max(16, min(_next_pow2(d), 64 if dot_f32 else 128))
     n_qt = triton.cdiv(B, BQ)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -190,6 +194,7 @@ def _config(B: int, M: int, d: int, k: int, elem: int, device: torch.device):
                 ONE_D_TILE=d <= BLOCK_D), splits, rows_per_split
 
 
+@on_tensor_device
 def mips_topk_triton(queries: torch.Tensor, keys: torch.Tensor, k: int,
                      key_scales: torch.Tensor | None = None,
                      valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,9 +220,6 @@ def mips_topk_triton(queries: torch.Tensor, keys: torch.Tensor, k: int,
         dot_f32 = q.dtype == torch.float32 or kk.dtype == torch.float32
         if not dot_f32 and q.dtype != kk.dtype:
             raise TypeError(f"queries {q.dtype} must be float32 or the keys' dtype {kk.dtype}")
-    meta, splits, rows_per_split = _config(B, M, d, k, kk.element_size(), q.device)
-    K_PAD = meta["K_PAD"]
-    cand = torch.empty((B, splits, K_PAD), dtype=torch.int64, device=q.device)
     scales = key_scales.contiguous() if is_int8 else q  # dummy pointer when unused
     vmask = valid.contiguous().view(torch.uint8) if valid is not None else q
     bits = q.device.type == "cpu"  # only the interpreter runs on CPU tensors
@@ -225,6 +227,9 @@ def mips_topk_triton(queries: torch.Tensor, keys: torch.Tensor, k: int,
     k_bits = bits and kk.dtype == torch.bfloat16
     if q_bits or k_bits:
         dot_f32 = True  # exact: bf16 products fit in f32, as on the tensor cores
+    meta, splits, rows_per_split = _config(B, M, d, k, dot_f32, q.device)
+    K_PAD = meta["K_PAD"]
+    cand = torch.empty((B, splits, K_PAD), dtype=torch.int64, device=q.device)
     qk = q.view(torch.int16) if q_bits else q
     kk = kk.view(torch.int16) if k_bits else kk
     grid = (triton.cdiv(B, meta["BQ"]), splits)
