@@ -285,7 +285,7 @@ def _worker(job: _Job, num_threads: int | None, nice: int, restore_threads: int)
                     # index_copy_, the snapshot reads) on its current stream: make that
                     # mem_stream. Current streams are per device and per thread, and setting
                     # one inside a device guard leaves the current device as it was.
-                    with torch.cuda.device(job.memory_device):
+                    with torch.cuda.device(job.mem_stream.device):
                         prev_mem_stream = torch.cuda.current_stream()
                         torch.cuda.set_stream(job.mem_stream)
                     job.mem_stream.wait_event(job.mem_ready_event)
@@ -297,7 +297,7 @@ def _worker(job: _Job, num_threads: int | None, nice: int, restore_threads: int)
                         job.stream.wait_event(mem_done)
                 finally:
                     if prev_mem_stream is not None:
-                        with torch.cuda.device(job.memory_device):
+                        with torch.cuda.device(prev_mem_stream.device):
                             torch.cuda.set_stream(prev_mem_stream)
                 ev = torch.cuda.Event(enable_timing=True)
                 ev.record(job.stream)
