@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import pluglm_kernels as pk
 from pluglm.bench.measure import p20_p80, time_fn, torch_alloc_peak_bytes
 from pluglm_kernels import reference as R
-from pluglm_kernels._backends import availability
+from pluglm_kernels import availability
 
 H, DH = 12, 64
 FULL = os.environ.get("PLUGLM_BENCH_FULL", "0") == "1"

@@ -33,7 +33,7 @@ import torch
 
 import pluglm_kernels as pk
 from pluglm.bench.measure import p20_p80, peak_extra_bytes, time_fn, torch_alloc_peak_bytes
-from pluglm_kernels._backends import availability
+from pluglm_kernels import availability
 
 try:
     import faiss

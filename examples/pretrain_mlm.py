@@ -1,7 +1,7 @@
 """Masked-LM pretraining of a PlugLM-style model with a plug-in knowledge memory.
 
 Two models, same loop:
-  --model pluglm  ``pluglm.PlugLMForMaskedLM`` (the published architecture, DESIGN.md §1);
+  --model pluglm  ``pluglm.PlugLMForMaskedLM`` (the published architecture, docs/design.md §1);
   --model bert    a Hugging Face ``BertForMaskedLM`` turned into one with ``apply_pluglm``
                   (top layer's FFN -> memory layer; entry encoder = ``model.pluglm_encoder``).
   --model auto    pluglm when ``pluglm.modeling_pluglm`` imports, else bert (default).

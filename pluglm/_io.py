@@ -213,3 +213,41 @@ def replace_dir(tmp: Path, target: Path) -> None:
     fsync_dir(parent)
     save_checkpoint("after_swap")
     shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare_target(path, marker: str, what: str) -> Path:
+    """Get ready to save a directory at ``path``: refuse to replace a file, or a non-empty
+    directory that is not a saved ``what`` (no ``marker`` file in it); create the parent;
+    finish or roll back an interrupted swap and remove dead leftovers. Returns the absolute
+    target (then write into ``temp_sibling(target)`` and ``replace_dir``)."""
+    target = Path(path).absolute()
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"{target} exists and is not a directory")
+        if any(target.iterdir()) and not (target / marker).is_file():
+            raise FileExistsError(f"{target} exists and is not a saved {what} (no {marker}); "
+                                  f"refusing to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(target)
+    cleanup_leftovers(target)
+    return target
+
+
+def check_listed_file(path: Path, info, listed_in: Path, error: type[Exception], *,
+                      verify: bool = True, missing: type[Exception] = FileNotFoundError) -> None:
+    """A file that the manifest ``listed_in`` lists with ``{"bytes", "sha256"}``: present, of
+    that size and (``verify``) that checksum. Raises ``error`` (``missing`` for an absent
+    file) naming the file."""
+    if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) \
+            or not isinstance(info.get("sha256"), str):
+        raise error(f"{listed_in}: no size/checksum entry for "
+                    f"{Path(path).relative_to(listed_in.parent).as_posix()}")
+    if not path.is_file():
+        raise missing(f"{path}: missing (listed in {listed_in.name})")
+    size = path.stat().st_size
+    if size != info["bytes"]:
+        raise error(f"{path}: {size} bytes but {listed_in.name} says {info['bytes']} "
+                    f"(truncated or modified)")
+    if verify and sha256_file(path) != info["sha256"]:
+        raise error(f"{path}: sha256 checksum mismatch (corrupted or modified)")
+

@@ -2,44 +2,19 @@
 
 ``register()`` maps ``model_type="pluglm"`` to ``PlugLMConfig`` in ``AutoConfig`` and the
 models in ``AutoModel``, ``AutoModelForMaskedLM``, ``AutoModelForSequenceClassification``,
-``AutoModelForQuestionAnswering`` and ``AutoModelForTokenClassification``. Idempotent: a
-second call (or a call after another copy of the classes was registered, e.g. after a
-module reload) is a no-op or replaces the entry.
+``AutoModelForQuestionAnswering`` and ``AutoModelForTokenClassification``. Importing
+``pluglm.modeling_pluglm`` (which any use of a PlugLM class does) already registers them;
+``register()`` is for code that only loads checkpoints through the Auto classes. Idempotent:
+a second call (or a call after another copy of the classes was registered, e.g. after a
+module reload) replaces the entries.
 """
 from __future__ import annotations
 
-_done = False
-
 
 def register() -> None:
-    global _done
-    if _done:
-        return
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForMaskedLM,
-        AutoModelForQuestionAnswering,
-        AutoModelForSequenceClassification,
-        AutoModelForTokenClassification,
-    )
+    from .modeling_pluglm import register_auto_classes
 
-    from .configuration_pluglm import PlugLMConfig
-    from .modeling_pluglm import (
-        PlugLMForMaskedLM,
-        PlugLMForQuestionAnswering,
-        PlugLMForSequenceClassification,
-        PlugLMForTokenClassification,
-        PlugLMModel,
-    )
-
-    AutoConfig.register(PlugLMConfig.model_type, PlugLMConfig, exist_ok=True)
-    for auto, model in ((AutoModel, PlugLMModel), (AutoModelForMaskedLM, PlugLMForMaskedLM),
-                        (AutoModelForSequenceClassification, PlugLMForSequenceClassification),
-                        (AutoModelForQuestionAnswering, PlugLMForQuestionAnswering),
-                        (AutoModelForTokenClassification, PlugLMForTokenClassification)):
-        auto.register(PlugLMConfig, model, exist_ok=True)
-    _done = True
+    register_auto_classes()
 
 
 __all__ = ["register"]

@@ -1,4 +1,4 @@
-"""``PlugLMConfig``: the transformers configuration of a PlugLM model (DESIGN.md §1).
+"""``PlugLMConfig``: the transformers configuration of a PlugLM model (docs/design.md §1).
 
 BERT-base geometry by default, plus the plug-in memory fields. Every value given is kept as
 given, falsy ones included: ``memory_ffn_dim=0`` means "no FFN in the memory layers" and a
@@ -11,6 +11,9 @@ from transformers import PretrainedConfig
 
 KNOWLEDGE_ATTENTION_TYPES = ("multi_head", "sentence_level")
 KERNEL_BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+COMPAT_MODES = ("paper", "published")
+# What compat="published" changes (docs/design.md §1, README "Coming from the published code").
+PUBLISHED_DIFFERENCES = ("head_layout", "pool_denominator", "reencode_dropout", "untied_decoder")
 
 
 def _int(name, v, lo):
@@ -42,6 +45,11 @@ class PlugLMConfig(PretrainedConfig):
       memory_attention_dropout: dropout on the knowledge-attention probabilities.
       kernel_backend: backend of the pluglm_kernels ops ("auto", "triton", "cuda", "cpu",
         "reference").
+      compat: "paper" (default: the model as the paper writes it) or "published" (what the
+        published code computes, so its checkpoint runs unchanged: head-major knowledge-
+        attention output, pooling denominator sum(exp) + 1e-8, embedding dropout in the
+        training re-encode, untied masked-LM decoder). ``published_differences`` lists the
+        ones in effect.
     """
 
     model_type = "pluglm"
@@ -53,7 +61,7 @@ class PlugLMConfig(PretrainedConfig):
                  layer_norm_eps=1e-12, pad_token_id=0, classifier_dropout=None,
                  num_memory_layers=1, memory_k=5, key_dim=128, doc_max_length=288,
                  memory_ffn_dim=768, knowledge_attention="multi_head", refresh_interval=200,
-                 memory_attention_dropout=0.1, kernel_backend="auto", **kwargs):
+                 memory_attention_dropout=0.1, kernel_backend="auto", compat="paper", **kwargs):
         for name, v, lo in (("vocab_size", vocab_size, 1), ("hidden_size", hidden_size, 1),
                             ("num_hidden_layers", num_hidden_layers, 1),
                             ("num_attention_heads", num_attention_heads, 1),
@@ -86,6 +94,8 @@ class PlugLMConfig(PretrainedConfig):
                              f"got {knowledge_attention!r}")
         if kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {kernel_backend!r}")
+        if compat not in COMPAT_MODES:
+            raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
         if not isinstance(layer_norm_eps, (int, float)) or isinstance(layer_norm_eps, bool) \
                 or not layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be a positive float, got {layer_norm_eps!r}")
@@ -112,7 +122,26 @@ class PlugLMConfig(PretrainedConfig):
         self.refresh_interval = refresh_interval
         self.memory_attention_dropout = memory_attention_dropout
         self.kernel_backend = kernel_backend
+        self.compat = compat
+        if compat == "published":
+            # its decoder is its own matrix: transformers must never tie it on load
+            kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
+    @property
+    def published_differences(self) -> frozenset:
+        """The PUBLISHED_DIFFERENCES in effect: all four with compat="published", none with
+        "paper". ``_published_off`` (a tuple of names, not a user option) switches single
+        ones off, so tests can show that each accounts for its share of the difference."""
+        if getattr(self, "compat", "paper") != "published":
+            return frozenset()
+        off = set(getattr(self, "_published_off", ()) or ())
+        unknown = off - set(PUBLISHED_DIFFERENCES)
+        if unknown:
+            raise ValueError(f"_published_off names unknown differences {sorted(unknown)}; "
+                             f"known: {PUBLISHED_DIFFERENCES}")
+        return frozenset(PUBLISHED_DIFFERENCES) - off
 
-__all__ = ["PlugLMConfig", "KNOWLEDGE_ATTENTION_TYPES", "KERNEL_BACKENDS"]
+
+__all__ = ["PlugLMConfig", "KNOWLEDGE_ATTENTION_TYPES", "KERNEL_BACKENDS", "COMPAT_MODES",
+           "PUBLISHED_DIFFERENCES"]

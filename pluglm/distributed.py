@@ -1,4 +1,4 @@
-"""A key table sharded across the ranks of a ``torch.distributed`` group (DESIGN.md §6).
+"""A key table sharded across the ranks of a ``torch.distributed`` group (docs/design.md §4).
 
 Each rank holds a contiguous row range [global_offset, global_offset + M_local) of the
 global table (``shard_bounds`` gives the balanced split). ``sharded_search`` runs
@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import pluglm_kernels
+from pluglm_kernels import MAX_K
 
 from . import _io
+from .topk import exact_topk, merge_topk
 
-MAX_K = 2048
 FORMAT_NAME = "pluglm.sharded_table"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -67,7 +67,7 @@ def shard_bounds(M: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def _rank_world(group) -> tuple[int, int]:
+def rank_world(group) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1  # no process group: this process holds the whole table
     return dist.get_rank(group), dist.get_world_size(group)
@@ -95,34 +95,15 @@ def _comm_device(t: torch.Tensor, group) -> torch.device:
     return t.device
 
 
-def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidates [B, c] (-inf / -1 marks none) -> top k [B, k] by (score desc, id asc)."""
-    valid = ids >= 0
-    big = torch.iinfo(torch.int64).max
-    order = torch.sort(torch.where(valid, ids, torch.full_like(ids, big)), dim=1, stable=True).indices
-    s, i = scores.gather(1, order), ids.gather(1, order)
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
-    return s.gather(1, order).contiguous(), i.gather(1, order).contiguous()
-
-
 def local_topk(queries: torch.Tensor, k: int, local_keys: torch.Tensor, global_offset: int,
                local_valid: torch.Tensor | None = None, *, key_scales: torch.Tensor | None = None,
                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """This shard's top-k with global ids, padded: (scores [B, k] f32, ids [B, k] int64)."""
-    B = queries.shape[0]
-    n = local_keys.shape[0] if local_valid is None else int(local_valid.sum())
-    kk = min(k, n)
-    s = torch.full((B, k), float("-inf"), dtype=torch.float32, device=local_keys.device)
-    i = torch.full((B, k), -1, dtype=torch.int64, device=local_keys.device)
-    if kk > 0:
-        q = queries.detach().to(local_keys.device)
-        if q.dtype != local_keys.dtype:
-            q = q.to(torch.float32)
-        ls, li = pluglm_kernels.mips_topk(q, local_keys, kk, key_scales=key_scales,
-                                          valid=local_valid, backend=backend)
-        s[:, :kk] = ls
-        i[:, :kk] = torch.where(li >= 0, li + global_offset, li)
-    return s, i
+    # queries already in the keys' (half) dtype are searched as they are, others in float32
+    qdt = queries.dtype if queries.dtype == local_keys.dtype else torch.float32
+    s, i = exact_topk(queries, local_keys, k, valid=local_valid, key_scales=key_scales,
+                      backend=backend, query_dtype=qdt, pad=True)
+    return s, torch.where(i >= 0, i + global_offset, i)
 
 
 def sharded_search(queries: torch.Tensor, k: int, local_keys: torch.Tensor, global_offset: int, *,
@@ -153,7 +134,7 @@ def sharded_search(queries: torch.Tensor, k: int, local_keys: torch.Tensor, glob
         if local_valid.dtype != torch.bool or tuple(local_valid.shape) != (local_keys.shape[0],):
             raise ValueError(f"local_valid must be bool [{local_keys.shape[0]}] (one flag per local row)")
         local_valid = local_valid.to(local_keys.device)
-    rank, world = _rank_world(group)
+    rank, world = rank_world(group)
     dev = _comm_device(local_keys, group)
     B, d = queries.shape
     finite = int(bool(torch.isfinite(queries).all())) if queries.numel() else 1
@@ -233,7 +214,7 @@ def fetch_rows(global_ids: torch.Tensor, local_rows: torch.Tensor, global_offset
         raise TypeError("global_ids must be an integer torch.Tensor")
     if not isinstance(local_rows, torch.Tensor) or local_rows.dim() < 1:
         raise TypeError("local_rows must be a torch.Tensor [M_local, ...]")
-    rank, world = _rank_world(group)
+    rank, world = rank_world(group)
     dev = _comm_device(local_rows, group)
     ids = global_ids.detach().reshape(-1).to(device=dev, dtype=torch.int64)  # [R]
     R = ids.numel()
@@ -269,52 +250,6 @@ def fetch_rows(global_ids: torch.Tensor, local_rows: torch.Tensor, global_offset
     if ids_differ and world > 1:
         out = out[rank * Rmax: rank * Rmax + R]
     return out.reshape(tuple(global_ids.shape) + row_shape).to(local_rows.device)
-
-
-@dataclass
-class ShardedKeys:
-    """This rank's part of a sharded key table (global ids kept).
-
-    local_keys [M_local, d] are rows [global_offset, global_offset + M_local) of a table of
-    global_size rows; local_valid optional bool [M_local].
-    """
-
-    local_keys: torch.Tensor
-    global_offset: int
-    global_size: int
-    local_valid: torch.Tensor | None = None
-    key_scales: torch.Tensor | None = None
-
-    def __post_init__(self):
-        n = self.local_keys.shape[0]
-        if not 0 <= self.global_offset <= self.global_offset + n <= self.global_size:
-            raise ValueError(f"rows [{self.global_offset}, {self.global_offset + n}) do not fit in a "
-                             f"table of global_size={self.global_size}")
-
-    @classmethod
-    def from_global(cls, keys: torch.Tensor, rank: int, world_size: int,
-                    valid: torch.Tensor | None = None) -> "ShardedKeys":
-        """Slice the balanced shard of ``rank`` out of the whole table keys [M, d] (a view)."""
-        start, stop = shard_bounds(keys.shape[0], rank, world_size)
-        return cls(keys[start:stop], start, keys.shape[0],
-                   None if valid is None else valid[start:stop])
-
-    @property
-    def local_range(self) -> tuple[int, int]:
-        return self.global_offset, self.global_offset + self.local_keys.shape[0]
-
-    def search(self, queries: torch.Tensor, k: int, *, group=None, queries_differ: bool = False,
-               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-        return sharded_search(queries, k, self.local_keys, self.global_offset, group=group,
-                              local_valid=self.local_valid, queries_differ=queries_differ,
-                              key_scales=self.key_scales, backend=backend)
-
-    def fetch(self, global_ids: torch.Tensor, local_rows: torch.Tensor, *, group=None,
-              ids_differ: bool = False) -> torch.Tensor:
-        if local_rows.shape[0] != self.local_keys.shape[0]:
-            raise ValueError(f"local_rows must have one row per local key ({self.local_keys.shape[0]}), "
-                             f"got {local_rows.shape[0]}")
-        return fetch_rows(global_ids, local_rows, self.global_offset, group=group, ids_differ=ids_differ)
 
 
 # ----------------------------------------------------------------------------- files
@@ -410,7 +345,7 @@ def save_local_shard(directory: str | os.PathLike, tensors: dict[str, torch.Tens
     [global_offset, global_offset + M_local)) as one shard; rank 0 writes the manifest once
     all shards are on disk. The shards must tile the global table."""
     tensors = _check_tensors(tensors)
-    rank, world = _rank_world(group)
+    rank, world = rank_world(group)
     directory = Path(directory)
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""PlugLM models (DESIGN.md §1): a post-LN BERT whose top ``num_memory_layers`` layers read
+"""PlugLM models (docs/design.md §1): a post-LN BERT whose top ``num_memory_layers`` layers read
 a plug-in memory instead of a full FFN.
 
 Classes: ``PlugLMModel`` (backbone, optional BERT pooler) and the heads
@@ -23,12 +23,23 @@ Document encoder (``encode_memory``): ``E = AttnPool_doc(LayerNorm(word + pos + 
 the backbone's own embedding tables (fused ``pluglm_kernels.encode_knowledge``, no dropout),
 ``k = W_k E + b_k`` [key_dim], ``v = W_v E + b_v`` [d].
 
+``config.compat="published"`` reproduces what the published code computes instead of the
+paper (``config.published_differences``): head-major knowledge-attention output, pooling
+denominator ``sum(exp) + 1e-8`` (in PyTorch ops, not the fused pooling kernels), embedding
+dropout when retrieved entries are re-encoded in training (never in ``encode_memory`` or a
+refresh), and a masked-LM decoder of its own (``cls.predictions.decoder.weight``).
+
 ``output_retrieval=True`` adds ``retrieval``: per memory layer a ``PlugLMRetrieval`` with
 ``indices`` [B, N] int64, ``scores`` [B, N] float32 and ``sources`` (nested lists, or None
 when the memory has no ``sources_of``).
+
+Files: ``save_pretrained`` is transformers' own, in-place save; the crash-safe save (and the
+checksum-verifying load) is ``pluglm.safe_save.save_pretrained_atomic`` /
+``from_pretrained_safe`` (docs/design.md §7).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -45,20 +56,21 @@ from transformers.modeling_outputs import (
 )
 
 import pluglm_kernels
-from pluglm.nn import AttentivePool, KnowledgeAttention, MemoryLayer
+from pluglm.nn import AttentivePool, KnowledgeAttention, LiveEncodedMemory, MemoryLayer
+from pluglm.nn.activations import activation
 from pluglm.nn.memory_layer import Memory
 
 from .configuration_pluglm import PlugLMConfig
 
-_ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu,
-        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "tanh": torch.tanh}
+PUBLISHED_POOL_EPS = 1e-8  # the published attentive pooling's denominator term
+
+
+def _pool_eps(config) -> float | None:
+    return PUBLISHED_POOL_EPS if "pool_denominator" in config.published_differences else None
 
 
 def _act(name: str):
-    if name not in _ACT:
-        raise ValueError(f"hidden_act must be one of {sorted(_ACT)}, got {name!r}")
-    return _ACT[name]
+    return activation(name, "hidden_act")
 
 
 class PlugLMRetrieval(NamedTuple):
@@ -217,14 +229,20 @@ class PlugLMMemoryBlock(nn.Module):
             memory_ffn_dim=config.memory_ffn_dim, ffn_act=config.hidden_act,
             attention_type=config.knowledge_attention, dropout=config.hidden_dropout_prob,
             attention_dropout=config.memory_attention_dropout,
-            layer_norm_eps=config.layer_norm_eps, backend=config.kernel_backend)
+            layer_norm_eps=config.layer_norm_eps, backend=config.kernel_backend,
+            head_major_output="head_layout" in config.published_differences,
+            pool_denominator_eps=_pool_eps(config))
 
     def forward(self, x, attn_bias, mask, memory):
         a = self.attention(x, attn_bias)
         return self.memory(a, mask, memory, return_retrieval=True)
 
 
-class PlugLMEncoder(nn.Module):
+class PlugLMLayerStack(nn.Module):
+    """The transformer layers (BERT's ``encoder``: state-dict names ``encoder.layer.i...``);
+    not to be confused with ``pluglm.PlugLMEncoder``, the memory-entry encoder of
+    ``apply_pluglm``."""
+
     def __init__(self, config: PlugLMConfig):
         super().__init__()
         first_mem = config.num_hidden_layers - config.num_memory_layers
@@ -239,7 +257,8 @@ class PlugLMKnowledgeEncoder(nn.Module):
     def __init__(self, config: PlugLMConfig):
         super().__init__()
         self.pooler = AttentivePool(config.hidden_size, init_std=config.initializer_range,
-                                    backend=config.kernel_backend)
+                                    backend=config.kernel_backend,
+                                    denominator_eps=_pool_eps(config))
         self.key_proj = nn.Linear(config.hidden_size, config.key_dim)
         self.value_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
@@ -253,45 +272,76 @@ class PlugLMPooler(nn.Module):
         return torch.tanh(self.dense(h[:, 0]))
 
 
-# ------------------------------------------------------------------------ memory adapters
+def _encode_entries(emb: "PlugLMEmbeddings", knowledge_encoder: "PlugLMKnowledgeEncoder",
+                    backend: str, token_ids, attention_mask, *, dropout: bool = False):
+    """The document encoder (module docstring): entries [E, L] -> (keys [E, key_dim],
+    values [E, d]), read through ``emb``'s tables and ``knowledge_encoder``. dropout=True:
+    the embedding dropout (compat="published", training re-encode only)."""
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2:
+        raise ValueError(f"token_ids must have shape [E, L], got "
+                         f"{tuple(getattr(token_ids, 'shape', ()))}")
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != token_ids.shape:
+        raise ValueError(f"attention_mask must be the raw 0/1 mask of token_ids' shape "
+                         f"{tuple(token_ids.shape)}, got {tuple(getattr(attention_mask, 'shape', ()))}")
+    pool = knowledge_encoder.pooler
+    device = emb.word_embeddings.weight.device
+    if dropout or pool.denominator_eps is not None:
+        # compat="published": the embedding module's own math, then its dropout (training
+        # re-encode only) and the published pooling; the fused op has neither
+        ids = token_ids.to(device).long()
+        x = (emb.word_embeddings(ids) + emb.token_type_embeddings.weight[0]
+             + emb.position_embeddings.weight[:ids.shape[1]])  # [E, L, d]
+        x = F.dropout(emb.LayerNorm(x), emb.dropout.p, training=dropout)
+        pooled = pool(x, attention_mask.to(device))  # [E, d]
+        return knowledge_encoder.key_proj(pooled), knowledge_encoder.value_proj(pooled)
+    pooled = pluglm_kernels.encode_knowledge(
+        token_ids.to(device), attention_mask.to(device), emb.word_embeddings.weight,
+        emb.position_embeddings.weight, emb.token_type_embeddings.weight, emb.LayerNorm.weight,
+        emb.LayerNorm.bias, pool.w1, pool.b1, pool.w2, pool.b2, eps=emb.LayerNorm.eps,
+        backend=backend)  # [E, d]
+    return knowledge_encoder.key_proj(pooled), knowledge_encoder.value_proj(pooled)
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+
+class _MemoryEncoderCopy(nn.Module):
+    """Frozen copies of the modules ``encode_memory`` reads (embeddings, document pooler, W_k,
+    W_v), encoding through the same ``_encode_entries`` as the model: what
+    ``memory_encoder_snapshot`` returns for a background key refresh."""
+
+    def __init__(self, plug: "PlugLMModel"):
+        super().__init__()
+        self.embeddings = copy.deepcopy(plug.embeddings)
+        self.knowledge_encoder = copy.deepcopy(plug.knowledge_encoder)
+        self.backend = plug.config.kernel_backend
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def encode_memory(self, token_ids, attention_mask):
+        return _encode_entries(self.embeddings, self.knowledge_encoder, self.backend,
+                               token_ids, attention_mask)
 
 
-class _LiveEncodedMemory:
-    """Stale-key search, fresh re-encode: ``search`` reads the memory's stored keys;
-    ``fetch`` re-encodes the retrieved entries from their token ids with the live encoder
-    (each distinct entry once per batch), so the result is differentiable in the encoder."""
+class _TrainingReencoder:
+    """The document encoder as the re-encode of retrieved entries (``LiveEncodedMemory``)
+    sees it: the model's own, plus, with compat="published" in training, the embedding
+    dropout. Its output is then random per call (``stochastic``), so every retrieved slot
+    gets its own mask (no dedup)."""
 
-    def __init__(self, memory, encoder: "PlugLMModel"):
-        self.memory = memory
-        self.encoder = encoder
+    def __init__(self, plug: "PlugLMModel"):
+        self.plug = plug
 
-    def search(self, q, k):
-        return self.memory.search(q, k)
+    @property
+    def device(self) -> torch.device:
+        return self.plug.device
 
-    def fetch(self, indices):
-        """indices [B, N] -> (keys [B, N, key_dim], values [B, N, d]) from the live encoder."""
-        B, N = indices.shape
-        device = self.encoder.device
-        if _compiling():
-            uniq, inv = indices.reshape(-1), None
-        else:
-            uniq, inv = torch.unique(indices.reshape(-1), return_inverse=True)  # [U], [B*N]
-        ids, mask = self.memory.token_ids_of(uniq.view(1, -1))  # [1, U, L] each
-        ids = ids.reshape(uniq.shape[0], -1).to(device, non_blocking=True)  # [U, L]
-        mask = mask.reshape(uniq.shape[0], -1).to(device, non_blocking=True)  # [U, L]
-        if not _compiling():
-            # Drop columns that are padding in every retrieved entry (positions stay absolute,
-            # so this is exact for any padding side): entries are usually far shorter than L.
-            used = mask.ne(0).any(0).nonzero()
-            last = int(used.max()) + 1 if used.numel() else 1
-            ids, mask = ids[:, :last], mask[:, :last]
-        keys, values = self.encoder.encode_memory(ids, mask)  # [U, key_dim], [U, d]
-        if inv is not None:
-            keys, values = keys[inv], values[inv]
-        return keys.view(B, N, -1), values.view(B, N, -1)
+    @property
+    def stochastic(self) -> bool:
+        p = self.plug
+        return (p.training and p.embeddings.dropout.p > 0
+                and "reencode_dropout" in p.config.published_differences)
+
+    def encode_memory(self, token_ids, attention_mask):
+        return self.plug._encode_memory(token_ids, attention_mask, dropout=self.stochastic)
 
 
 # ------------------------------------------------------------------------------- models
@@ -396,6 +446,12 @@ class PlugLMPreTrainedModel(PreTrainedModel):
         [E, L] raw 0/1; moved to the model's device when elsewhere."""
         return self._plug._encode_memory(token_ids, attention_mask)
 
+    def memory_encoder_snapshot(self) -> nn.Module:
+        """A frozen copy (no grad, eval mode) of what ``encode_memory`` reads: the embedding
+        tables and LayerNorm, the document pooler, W_k and W_v, nothing else. The key
+        refresher encodes with it while training keeps updating the live weights."""
+        return _MemoryEncoderCopy(self._plug)
+
     def precompute_tables(self, *, dtype: torch.dtype | None = None, chunk_size: int = 65536):
         """Inference option (multi_head only): project every stored value once per memory
         layer and read the projections with the fused gather op in eval. Costs 2·M·d
@@ -486,7 +542,7 @@ class PlugLMModel(PlugLMPreTrainedModel):
     def __init__(self, config: PlugLMConfig, add_pooling_layer: bool = True):
         super().__init__(config)
         self.embeddings = PlugLMEmbeddings(config)
-        self.encoder = PlugLMEncoder(config)
+        self.encoder = PlugLMLayerStack(config)
         self.knowledge_encoder = PlugLMKnowledgeEncoder(config)
         self.pooler = PlugLMPooler(config) if add_pooling_layer else None
         self.__dict__["_memory"] = None
@@ -499,22 +555,9 @@ class PlugLMModel(PlugLMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
-    def _encode_memory(self, token_ids, attention_mask):
-        if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2:
-            raise ValueError(f"token_ids must have shape [E, L], got "
-                             f"{tuple(getattr(token_ids, 'shape', ()))}")
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != token_ids.shape:
-            raise ValueError(f"attention_mask must be the raw 0/1 mask of token_ids' shape "
-                             f"{tuple(token_ids.shape)}, got {tuple(getattr(attention_mask, 'shape', ()))}")
-        emb = self.embeddings
-        pool = self.knowledge_encoder.pooler
-        device = emb.word_embeddings.weight.device
-        pooled = pluglm_kernels.encode_knowledge(
-            token_ids.to(device), attention_mask.to(device), emb.word_embeddings.weight,
-            emb.position_embeddings.weight, emb.token_type_embeddings.weight, emb.LayerNorm.weight,
-            emb.LayerNorm.bias, pool.w1, pool.b1, pool.w2, pool.b2, eps=emb.LayerNorm.eps,
-            backend=self.config.kernel_backend)  # [E, d]
-        return self.knowledge_encoder.key_proj(pooled), self.knowledge_encoder.value_proj(pooled)
+    def _encode_memory(self, token_ids, attention_mask, *, dropout: bool = False):
+        return _encode_entries(self.embeddings, self.knowledge_encoder, self.config.kernel_backend,
+                               token_ids, attention_mask, dropout=dropout)
 
     def _reading_memory(self, memory):
         """The object the memory layers read for this forward (see the module docstring)."""
@@ -524,7 +567,7 @@ class PlugLMModel(PlugLMPreTrainedModel):
         if reencode is True or (self.training and torch.is_grad_enabled()) \
                 or not isinstance(getattr(memory, "values", None), torch.Tensor) \
                 or not callable(getattr(memory, "fetch", None)):
-            return _LiveEncodedMemory(memory, self)
+            return LiveEncodedMemory(memory, _TrainingReencoder(self), always=True)
         return memory
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -602,15 +645,19 @@ class PlugLMPredictionHeadTransform(nn.Module):
 
 class PlugLMLMPredictionHead(nn.Module):
     """MLM head; the decoder is the word-embedding matrix itself (tied by construction, so
-    no tied-weight bookkeeping that differs between transformers versions)."""
+    no tied-weight bookkeeping that differs between transformers versions), except with
+    compat="published": that checkpoint's decoder is a matrix of its own (``decoder``)."""
 
     def __init__(self, config: PlugLMConfig):
         super().__init__()
         self.transform = PlugLMPredictionHeadTransform(config)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))  # [V]
+        self.decoder = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+                        if "untied_decoder" in config.published_differences else None)
 
     def forward(self, h, decoder_weight):
-        return F.linear(self.transform(h), decoder_weight, self.bias)  # [B, T, V]
+        w = decoder_weight if self.decoder is None else self.decoder.weight  # [V, d]
+        return F.linear(self.transform(h), w, self.bias)  # [B, T, V]
 
 
 class PlugLMOnlyMLMHead(nn.Module):
@@ -757,6 +804,22 @@ class PlugLMForTokenClassification(PlugLMPreTrainedModel):
         return _pack(return_dict, PlugLMTokenClassifierOutput, loss, out.retrieval,
                      logits=logits, hidden_states=out.hidden_states)
 
+
+def register_auto_classes() -> None:
+    """Map ``model_type="pluglm"`` to these classes in ``AutoConfig``, ``AutoModel`` and the
+    ``AutoModelFor*`` heads. Runs when this module is imported (so the Auto classes know
+    PlugLM whenever its classes exist); calling it again replaces the entries."""
+    import transformers
+
+    transformers.AutoConfig.register(PlugLMConfig.model_type, PlugLMConfig, exist_ok=True)
+    for auto, model in (("AutoModel", PlugLMModel), ("AutoModelForMaskedLM", PlugLMForMaskedLM),
+                        ("AutoModelForSequenceClassification", PlugLMForSequenceClassification),
+                        ("AutoModelForQuestionAnswering", PlugLMForQuestionAnswering),
+                        ("AutoModelForTokenClassification", PlugLMForTokenClassification)):
+        getattr(transformers, auto).register(PlugLMConfig, model, exist_ok=True)
+
+
+register_auto_classes()
 
 __all__ = [
     "PlugLMForMaskedLM",

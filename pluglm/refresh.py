@@ -1,4 +1,4 @@
-"""AsyncKeyRefresher: re-encode every memory key while training goes on (DESIGN.md §5).
+"""AsyncKeyRefresher: re-encode every memory key while training goes on (docs/design.md, "Key refresh").
 
 PlugLM trains with stale keys (search) and fresh keys (gradient), and re-encodes the whole
 key table every ``interval`` optimizer steps. The published code does that synchronously,
@@ -21,10 +21,10 @@ Semantics
 - Starting a refresh (in the calling thread, so the state is that of the step boundary):
   the encoder weights are copied (training keeps updating the live ones; the refresh sees
   only the copy), and the memory's current snapshot is taken (the entries to encode).
-  Encoder copy: ``model.memory_encoder_snapshot()`` when the model has one; for PlugLM
-  models, copies of the modules ``encode_memory`` reads (embeddings, doc pooler, W_k, W_v)
-  only; any other encoder (an object with ``encode_memory``) is deep-copied (sharing the
-  memory, never copying it); ``encoder_snapshot=`` overrides all of these.
+  Encoder copy: ``model.memory_encoder_snapshot()`` when the model has one (PlugLM models
+  copy only the modules ``encode_memory`` reads: embeddings, doc pooler, W_k, W_v); any
+  other encoder (an object with ``encode_memory``) is deep-copied (sharing the memory,
+  never copying it); ``encoder_snapshot=`` overrides both.
 - Every live entry of the snapshot is re-encoded, ``chunk`` entries at a time grouped by
   length, into a shadow key table (and value table), on the memory's device:
   * CUDA: a worker thread enqueues the chunks on a separate stream of the given
@@ -92,9 +92,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .memory.encode import check_encoded, encoder_device, length_batches, table_dtype
+
 __all__ = ["AsyncKeyRefresher"]
 
-_KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # CUDA stream priorities: 0 is the lowest (and the default stream's), -1 a higher one on
 # every CUDA GPU; torch maps more negative values onto the highest it has.
 _PRIORITIES = {"low": 0, "normal": 0, "high": -1}
@@ -105,37 +106,7 @@ def _cuda_index(dev: torch.device) -> int:
 
 
 def _module_device(model) -> torch.device:
-    dev = getattr(model, "device", None)
-    if isinstance(dev, torch.device):
-        return dev
-    if isinstance(model, nn.Module):
-        for t in model.parameters():
-            return t.device
-        for t in model.buffers():
-            return t.device
-    return torch.device("cpu")
-
-
-class _PlugLMEncoderCopy(nn.Module):
-    """Copies of the modules a PlugLM model's ``encode_memory`` reads, run through the
-    model's own encode code (so the math cannot drift from the model's)."""
-
-    def __init__(self, plug: nn.Module):
-        super().__init__()
-        self.embeddings = copy.deepcopy(plug.embeddings)
-        self.knowledge_encoder = copy.deepcopy(plug.knowledge_encoder)
-        self.config = plug.config
-        self.__dict__["_encode"] = type(plug)._encode_memory
-
-    def encode_memory(self, token_ids, attention_mask):
-        return self.__dict__["_encode"](self, token_ids, attention_mask)
-
-
-def _is_pluglm(model) -> bool:
-    plug = getattr(model, "_plug", None)
-    return (isinstance(plug, nn.Module) and callable(getattr(type(plug), "_encode_memory", None))
-            and isinstance(getattr(plug, "embeddings", None), nn.Module)
-            and isinstance(getattr(plug, "knowledge_encoder", None), nn.Module))
+    return encoder_device(model) or torch.device("cpu")
 
 
 @torch.no_grad()
@@ -146,8 +117,6 @@ def snapshot_encoder(model, memory=None, device: torch.device | None = None):
     fn = getattr(model, "memory_encoder_snapshot", None)
     if callable(fn):
         enc = fn()
-    elif _is_pluglm(model):
-        enc = _PlugLMEncoderCopy(model._plug)
     else:
         memo = {} if memory is None else {id(memory): memory}  # never copy the knowledge
         enc = copy.deepcopy(model, memo)
@@ -205,70 +174,46 @@ class _Job:
                 st.synchronize()
 
 
-def _check_out(name, t, n, width=None):
-    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != n \
-            or not t.dtype.is_floating_point or (width is not None and t.shape[1] != width):
-        want = f"[{n}, {'*' if width is None else width}] float"
-        raise ValueError(f"encode_memory returned {name} of shape "
-                         f"{tuple(getattr(t, 'shape', ()))}, expected {want}")
-
-
 def _encode_all(job: _Job) -> None:
     """The refresh body (worker thread): every live snapshot row -> the shadow tables."""
     s = job.snapshot
     M = len(s)
-    live = s.valid.cpu()
-    rows = live.nonzero().squeeze(1)  # [E] live entries
-    lengths = s.lengths.cpu()[rows]
-    order = torch.argsort(lengths, stable=True)  # length-grouped chunks: little padding
-    rows, lengths = rows[order], lengths[order]
+    rows = s.valid.cpu().nonzero().squeeze(1)  # [E] live entries
     E = rows.numel()
     job.total = E
     cuda = job.stream is not None
     inflight: list[tuple[object, int]] = []  # CUDA: (event, entries done once it fires)
-    for a in range(0, E, job.chunk):
+    for a, r, tok, mask in length_batches(s, rows, job.chunk, job.device):
         if job.cancel.is_set():
             return
-        r = rows[a:a + job.chunk]  # [n]
         n = r.numel()
-        Lb = int(lengths[a:a + n].max())
-        r_mem = r.to(s.device)
-        tok = s.token_ids[r_mem, :Lb].to(device=job.device, dtype=torch.long)  # [n, Lb]
-        mask = s.attention_mask(s.lengths[r_mem].to(job.device), Lb)  # [n, Lb]
-        out = job.encoder.encode_memory(tok, mask)
-        if not isinstance(out, (tuple, list)) or len(out) != 2:
-            raise TypeError("encoder.encode_memory must return (keys, values or None)")
-        k, v = out
-        _check_out("keys", k, n, None if job.keys is None else job.keys.shape[1])
-        if not job.want_values:
-            v = None
-        elif v is not None:
-            _check_out("values", v, n, None if job.values is None else job.values.shape[1])
+        first = None if job.keys is None else (
+            job.keys.shape[1], None if job.values is None else job.values.shape[1])
+        k, v = check_encoded(job.encoder.encode_memory(tok, mask), n, first,
+                             values=job.want_values)
         if job.keys is None:
             # Allocated once, here, when the widths are known: M rows so that ids are row
             # numbers; removed rows are never encoded and get zeros (they are never searched).
             alloc = torch.zeros if E < M else torch.empty
-            kdt = job.key_dtype or (k.dtype if k.dtype in _KEY_DTYPES else torch.float32)
-            job.keys = alloc(M, k.shape[1], dtype=kdt, device=job.memory_device)
+            job.keys = alloc(M, k.shape[1], dtype=job.key_dtype or table_dtype(k.dtype),
+                             device=job.memory_device)
             if v is not None:
-                vdt = job.value_dtype or (v.dtype if v.dtype in _KEY_DTYPES else torch.float32)
-                job.values = alloc(M, v.shape[1], dtype=vdt, device=job.memory_device)
+                job.values = alloc(M, v.shape[1], dtype=job.value_dtype or table_dtype(v.dtype),
+                                   device=job.memory_device)
             job.allocations += 1
-        elif (v is None) != (job.values is None):
-            raise ValueError("encode_memory returned values for some chunks and None for others")
         idx = r.to(job.memory_device)
         job.keys.index_copy_(0, idx, k.detach().to(device=job.memory_device, dtype=job.keys.dtype))
         if v is not None:
             job.values.index_copy_(0, idx, v.detach().to(device=job.memory_device,
                                                          dtype=job.values.dtype))
-        del out, k, v, tok, mask
+        del k, v, tok, mask
         if cuda:
             ev = torch.cuda.Event()
             ev.record(job.stream)
             inflight.append((ev, a + n))
             if len(inflight) > 1:  # at most two chunks queued: cancel stays prompt
-                first, done = inflight.pop(0)
-                first.synchronize()  # releases the GIL
+                first_ev, done = inflight.pop(0)
+                first_ev.synchronize()  # releases the GIL
                 job.done = done
         else:
             job.done = a + n

@@ -71,18 +71,7 @@ def verify_checksums(root: str | os.PathLike) -> bool:
         raise CheckpointError(f"{mpath}: format version {fv!r} is not supported (this pluglm "
                               f"reads up to {CHECKSUMS_VERSION}; upgrade pluglm)")
     for rel, info in doc["files"].items():
-        fpath = root / rel
-        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) \
-                or not isinstance(info.get("sha256"), str):
-            raise CheckpointError(f"{mpath}: bad entry for {rel}")
-        if not fpath.is_file():
-            raise CheckpointError(f"{fpath}: missing (listed in {CHECKSUMS_FILE})")
-        size = fpath.stat().st_size
-        if size != info["bytes"]:
-            raise CheckpointError(f"{fpath}: {size} bytes but {CHECKSUMS_FILE} says "
-                                  f"{info['bytes']} (truncated or modified)")
-        if _io.sha256_file(fpath) != info["sha256"]:
-            raise CheckpointError(f"{fpath}: sha256 checksum mismatch (corrupted or modified)")
+        _io.check_listed_file(root / rel, info, mpath, CheckpointError, missing=CheckpointError)
     return True
 
 
@@ -99,16 +88,7 @@ def save_pretrained_atomic(model, save_directory: str | os.PathLike, *, tokenize
     if kwargs.get("safe_serialization") is False:
         raise ValueError("safe_serialization=False writes pickle files; pluglm checkpoints are "
                          "safetensors only")
-    target = Path(save_directory).absolute()
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"{target} exists and is not a directory")
-        if any(target.iterdir()) and not (target / CONFIG_FILE).is_file():
-            raise FileExistsError(f"{target} exists and is not a saved model (no {CONFIG_FILE}); "
-                                  f"refusing to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _io.recover_dir(target)
-    _io.cleanup_leftovers(target)
+    target = _io.prepare_target(save_directory, CONFIG_FILE, "model")
     tmp = _io.temp_sibling(target)
     try:
         model.save_pretrained(str(tmp), **kwargs)

@@ -1,4 +1,4 @@
-"""ShardedKnowledgeMemory: one rank's contiguous part of a KnowledgeMemory (DESIGN.md §6).
+"""ShardedKnowledgeMemory: one rank's contiguous part of a KnowledgeMemory (docs/design.md §4).
 
 A memory of G entries is split over the ranks of a ``torch.distributed`` group: rank r
 holds rows ``[global_offset, global_offset + M_local)`` (``pluglm.distributed.shard_bounds``)
@@ -52,10 +52,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pluglm_kernels import FLOAT_TABLE_DTYPES
+
 from . import _io
-from .distributed import _rank_world, fetch_rows, load_shard, save_local_shard, shard_bounds, \
+from .distributed import fetch_rows, load_shard, rank_world, save_local_shard, shard_bounds, \
     sharded_search
-from .memory import KnowledgeMemory, MemoryFormatError, MemorySnapshot, _finite_rows, _KEY_DTYPES
+from .memory import KnowledgeMemory, MemoryFormatError, MemorySnapshot
+from .memory.snapshot import finite_rows
 
 FORMAT_NAME = "pluglm.sharded_knowledge_memory"
 FORMAT_VERSION = 1
@@ -338,7 +341,7 @@ class ShardedKnowledgeMemory:
     def _lookup(self, ids, fn, group):
         """Collective: nested lists shaped like ``ids`` of fn(snapshot, local row), -1 -> None."""
         group = self._group(group)
-        _, world = _rank_world(group)
+        _, world = rank_world(group)
         idx = self._global_ids(ids, allow_none=True)
         flat = idx.reshape(-1).tolist()
         snap = self.snapshot()
@@ -346,7 +349,7 @@ class ShardedKnowledgeMemory:
         requests = _all_gather_object(flat, group, world)  # every rank's ids
         answers = [{j: fn(snap, g - a) for j, g in enumerate(req) if a <= g < b}
                    for req in requests]
-        rank, _ = _rank_world(group)
+        rank, _ = rank_world(group)
         got: dict[int, object] = {}
         for per_requester in _all_gather_object(answers, group, world):
             got.update(per_requester[rank])
@@ -408,21 +411,13 @@ class ShardedKnowledgeMemory:
     def save(self, path: str | os.PathLike, group=_DEFAULT) -> None:
         """Collective: write every rank's shard into directory ``path`` (module docstring)."""
         group = self._group(group)
-        rank, world = _rank_world(group)
+        rank, world = rank_world(group)
         snap = self.snapshot()
         target = Path(path).absolute()
         status: list = [None, None]  # [error, temporary directory]
         if rank == 0:
             try:
-                if target.exists():
-                    if not target.is_dir():
-                        raise FileExistsError(f"{target} exists and is not a directory")
-                    if any(target.iterdir()) and not (target / META_FILE).is_file():
-                        raise FileExistsError(f"{target} exists and is not a saved sharded memory "
-                                              f"(no {META_FILE}); refusing to replace it")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _io.recover_dir(target)
-                _io.cleanup_leftovers(target)
+                _io.prepare_target(target, META_FILE, "sharded memory")
                 status[1] = str(_io.temp_sibling(target))
             except OSError as e:
                 status[0] = f"{type(e).__name__}: {e}"
@@ -571,7 +566,7 @@ class ShardedKnowledgeMemory:
                 raise MemoryFormatError(f"{root}: token ids must be in [0, {vocab})")
         keys, values = t.get("keys"), t.get("values")
         for name, x in (("keys", keys), ("values", values)):
-            if x is not None and x.dtype not in _KEY_DTYPES:
+            if x is not None and x.dtype not in FLOAT_TABLE_DTYPES:
                 raise MemoryFormatError(f"{root}: {name} must be float32/float16/bfloat16")
         dev = torch.device(device)
         mv = lambda x: None if x is None else x.to(dev)  # noqa: E731
@@ -579,7 +574,7 @@ class ShardedKnowledgeMemory:
         keys, values = mv(keys), mv(values)
         snap = MemorySnapshot(
             token_ids=mv(tok), lengths=mv(lengths), keys=keys, values=values, valid=mv(t["valid"]),
-            stale=mv(stale), finite=_finite_rows(keys, M, dev) & _finite_rows(values, M, dev),
+            stale=mv(stale), finite=finite_rows(keys, M, dev) & finite_rows(values, M, dev),
             source_index=src.to(torch.int32), sources=sources, texts=tuple(texts),
             rev=torch.arange(M, dtype=torch.int64), version=int(meta.get("version", 0)),
             vocab_size=vocab, tokenizer_name=str(meta["tokenizer"].get("name", "")),

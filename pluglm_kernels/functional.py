@@ -1,4 +1,4 @@
-"""Public functional API of pluglm_kernels (DESIGN.md §3).
+"""Public functional API of pluglm_kernels (docs/design.md §3).
 
 Every function validates its arguments before any kernel runs and raises ``TypeError`` /
 ``ValueError`` naming the argument; ``backend`` is "auto", "triton", "cuda", "cpu" or

@@ -1,5 +1,5 @@
 """Pure-PyTorch references for every pluglm op: the test oracles and the fallback of last
-resort. Written to be obviously right (DESIGN.md §1, §3), not fast. Call them with float64
+resort. Written to be obviously right (docs/design.md §1, §3), not fast. Call them with float64
 tensors to get the oracle; with lower precisions they accumulate in float32.
 """
 from __future__ import annotations

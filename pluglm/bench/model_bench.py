@@ -9,7 +9,7 @@ import torch
 
 import pluglm_kernels as pk
 
-from .sweep import Row, SweepConfig, _measure, published_attention
+from .common import Row, SweepConfig, measure, published_attention
 
 
 class _TorchTopkMemory:
@@ -60,7 +60,7 @@ def bench_gather_attention(cfg: SweepConfig, progress=None, task=None) -> list[R
                 published_attention(q, k, v, bias, beta)
 
         for label, fn in (("pluglm[auto] gather-fused", fused), ("index_select + bmm (published)", published)):
-            t, peak = _measure(fn, dev, cfg.budget_s)
+            t, peak = measure(fn, dev, cfg.budget_s)
             rows.append(Row("gather+attention forward", label,
                             dict(M=M, B=B, T=T, N=N, H=H, Dh=Dh, dtype=str(dtype).replace("torch.", "")),
                             cfg.device, t.median_ms, t.p20_ms, t.p80_ms, t.repeats,
@@ -107,7 +107,7 @@ def bench_memory_layer(cfg: SweepConfig, progress=None, task=None) -> list[Row]:
                 with torch.no_grad():
                     layer(A, mask, mem)
 
-            t, peak = _measure(fn, dev, cfg.budget_s)
+            t, peak = measure(fn, dev, cfg.budget_s)
             rows.append(Row("memory layer forward", label, dict(M=M, B=B, T=T, d=d, H=H, N=5),
                             cfg.device, t.median_ms, t.p20_ms, t.p80_ms, t.repeats,
                             B * T / (t.median_ms * 1e-3), "tokens/s", peak))
@@ -124,7 +124,8 @@ def model_sizes(cfg: SweepConfig) -> tuple:
 def bench_model_forward(cfg: SweepConfig, progress=None, task=None) -> list[Row]:
     """A full PlugLM forward in BERT-base geometry (12 layers, d=768, top layer a memory layer)
     over M; our search and kernels vs the same model searching with torch.topk(q @ K.T)."""
-    from pluglm import PlugLMConfig, PlugLMModel
+    from pluglm.configuration_pluglm import PlugLMConfig
+    from pluglm.modeling_pluglm import PlugLMModel
 
     rows: list[Row] = []
     dev = torch.device(cfg.device)
@@ -146,7 +147,7 @@ def bench_model_forward(cfg: SweepConfig, progress=None, task=None) -> list[Row]
                 with torch.no_grad():
                     model(input_ids=ids, attention_mask=mask)
 
-            t, peak = _measure(fn, dev, cfg.budget_s)
+            t, peak = measure(fn, dev, cfg.budget_s)
             rows.append(Row("PlugLM forward (BERT-base)", label, dict(M=M, B=B, T=T), cfg.device,
                             t.median_ms, t.p20_ms, t.p80_ms, t.repeats, B * T / (t.median_ms * 1e-3),
                             "tokens/s", peak))

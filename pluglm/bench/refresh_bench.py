@@ -33,7 +33,7 @@ import torch
 import pluglm_kernels as pk
 
 from .measure import PeakMemory, time_fn
-from .sweep import Row
+from .common import Row
 
 
 def settings(cfg) -> dict:

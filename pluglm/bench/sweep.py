@@ -14,105 +14,22 @@ from __future__ import annotations
 
 import gc
 import math
-import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 
 import pluglm_kernels as pk
 
-from .measure import PeakMemory, copy_bandwidth_gbs, time_fn
-
-
-@dataclass
-class Row:
-    bench: str
-    impl: str
-    shape: dict
-    device: str
-    median_ms: float
-    p20_ms: float
-    p80_ms: float
-    repeats: int
-    throughput: float          # items per second (queries for search, tokens for attention)
-    throughput_unit: str
-    peak_mb: float | None
-    pct_roofline: float | None = None
-    note: str = ""
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass
-class SweepConfig:
-    device: str = "cpu"
-    quick: bool = False
-    search_M: tuple = ()
-    search_d: tuple = (128,)
-    search_B: tuple = (32,)
-    search_k: tuple = (5,)
-    search_dtypes: tuple = ("float32",)
-    attn_shapes: tuple = ()     # (B, T, N)
-    heads: int = 12
-    head_dim: int = 64
-    budget_s: float = 1.0
-
-    @classmethod
-    def make(cls, device: str, quick: bool) -> "SweepConfig":
-        gpu = device.startswith("cuda")
-        if quick:
-            Ms = (10_000, 100_000, 1_000_000) if not gpu else (100_000, 1_000_000, 4_000_000)
-            return cls(device=device, quick=True, search_M=Ms,
-                       attn_shapes=((8, 128, 5), (32, 128, 5)), budget_s=0.5)
-        if gpu:
-            Ms = (100_000, 1_000_000, 4_000_000, 16_000_000, 64_000_000)
-            return cls(device=device, search_M=Ms, search_d=(128, 768), search_B=(1, 64),
-                       search_k=(5, 64), search_dtypes=("bfloat16", "float32"),
-                       attn_shapes=((1, 128, 5), (8, 512, 5), (32, 128, 32), (32, 512, 32)))
-        Ms = (10_000, 30_000, 100_000, 300_000, 1_000_000, 4_000_000)
-        return cls(device=device, search_M=Ms, search_B=(1, 32, 256), search_k=(5, 100),
-                   attn_shapes=((1, 128, 5), (8, 128, 5), (32, 128, 5), (8, 512, 32)))
-
-
-def machine_info(device: str) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform(), "cpu": _cpu_name(), "threads": torch.get_num_threads(),
-            "device": device}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception:  # triton is optional
-        info["triton"] = None
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _measure(fn, device, budget_s):
-    """Timing after warm-up, then the peak extra memory of one more (warm) call."""
-    t = time_fn(fn, device, budget_s=budget_s)
-    with PeakMemory(device) as pm:
-        fn()
-    return t, (None if pm.peak_bytes is None else pm.peak_bytes / 2**20)
+from . import model_bench, refresh_bench
+from .common import Row, SweepConfig, machine_info, measure, published_attention
+from .measure import copy_bandwidth_gbs
 
 
 def _search_impls(device: str, faiss_ok: bool, M: int, quick: bool):
     impls = []
     dev = torch.device(device)
     for be in ("cuda", "triton", "cpu"):
-        if pk._backends.availability("mips_topk", be, dev.type)[0]:
+        if pk.availability("mips_topk", be, dev.type)[0]:
             impls.append((f"pluglm[{be}]", be))
     if not impls:
         impls.append(("pluglm[reference]", "reference"))
@@ -191,7 +108,7 @@ def bench_search(cfg: SweepConfig, progress=None, task=None) -> list[Row]:
                             else:
                                 index = None
                             fn = _search_fn(impl, q, keys, k, index)
-                            t, peak = _measure(fn, dev, cfg.budget_s)
+                            t, peak = measure(fn, dev, cfg.budget_s)
                             found = _indices_of(impl, fn())
                             if exact is None:  # the first implementation is our exact search
                                 exact = found
@@ -240,19 +157,6 @@ def _search_fn(impl, q, keys, k, index):
     return lambda: pk.mips_topk(q, keys, k, backend=impl)
 
 
-def published_attention(q, k, v, bias, beta):
-    """The published PlugLM formulation: per-head bmm, additive bias, softmax, bmm."""
-    B, T, H, Dh = q.shape
-    N = k.shape[1]
-    qh = q.permute(0, 2, 1, 3).reshape(B * H, T, Dh)
-    kh = k.permute(0, 2, 1, 3).reshape(B * H, N, Dh)
-    vh = v.permute(0, 2, 1, 3).reshape(B * H, N, Dh)
-    scores = torch.bmm(qh, kh.transpose(1, 2)).view(B, H, T, N)
-    scores = scores + beta.view(1, H, 1, 1) * bias.view(B, 1, 1, N)
-    probs = torch.softmax(scores, dim=-1).view(B * H, T, N)
-    return torch.bmm(probs, vh).view(B, H, T, Dh).permute(0, 2, 1, 3)
-
-
 _COMPILED = None
 
 
@@ -292,7 +196,7 @@ def bench_attention(cfg: SweepConfig, progress=None, task=None) -> list[Row]:
 
                     def fn(f=f, leaves=leaves):
                         f(*leaves).float().sum().backward()
-                t, peak = _measure(fn, dev, cfg.budget_s)
+                t, peak = measure(fn, dev, cfg.budget_s)
                 nbytes = (2 * q.numel() + 2 * k.numel()) * q.element_size()
                 pct = None
                 if dev.type == "cuda" and mode == "forward":
@@ -321,8 +225,6 @@ def count_cases(cfg: SweepConfig) -> int:
 def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> dict:
     """Run every case; returns {"machine": ..., "config": ..., "rows": [...]}."""
     from rich.progress import Progress
-
-    from . import model_bench, refresh_bench
 
     torch.manual_seed(0)
     total = (count_cases(cfg) + 2 * len(cfg.attn_shapes)

@@ -1,4 +1,4 @@
-"""Search-index backends behind one interface (DESIGN.md §4, §6).
+"""Search-index backends behind one interface (docs/design.md §4).
 
     index = build_index(kind, keys, valid=None, *, metric="ip", device=None, **params)
     scores, ids = index.search(queries, k)   # [B, k] float32 desc, [B, k] int64; (-inf, -1) tails

@@ -27,10 +27,10 @@ import math
 import numpy as np
 import torch
 
-import pluglm_kernels
+from pluglm_kernels import MAX_K
+from pluglm_kernels import FLOAT_TABLE_DTYPES
 
-MAX_K = 2048
-KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ..topk import exact_topk
 METRICS = ("ip",)
 
 UPDATE_POLICIES = {
@@ -121,7 +121,7 @@ class SearchIndex(abc.ABC):
             raise TypeError(f"{name} must be a torch.Tensor [n, {self.dim}], got {type(keys).__name__}")
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"{name} must have shape [n, {self.dim}], got {tuple(keys.shape)}")
-        if keys.dtype not in KEY_DTYPES:
+        if keys.dtype not in FLOAT_TABLE_DTYPES:
             raise TypeError(f"{name} must be float32/float16/bfloat16, got {keys.dtype}")
         if n is not None and keys.shape[0] != n:
             raise ValueError(f"{name} must have one row per id ({n}), got {keys.shape[0]}")
@@ -255,43 +255,6 @@ def check_valid(valid, M: int) -> np.ndarray:
     return valid.detach().cpu().numpy().copy()
 
 
-def finish_topk(scores: torch.Tensor, ids: torch.Tensor, live: torch.Tensor, k: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidates -> the final [B, k]: drop dead ones, order by (score desc, id asc), pad.
-
-    scores [B, c] float32, ids [B, c] int64, live [B, c] bool (False: not a result).
-    Returns scores [B, k] float32 and ids [B, k] int64 with (-inf, -1) tails.
-    """
-    B, c = ids.shape
-    neg_inf = torch.tensor(float("-inf"), dtype=torch.float32, device=scores.device)
-    s = torch.where(live, scores.to(torch.float32), neg_inf)
-    # Two stable sorts give the lexicographic order (score desc, id asc), dead ones last.
-    big = torch.iinfo(torch.int64).max
-    order = torch.sort(torch.where(live, ids, torch.full_like(ids, big)), dim=1, stable=True).indices
-    s, i, m = s.gather(1, order), ids.gather(1, order), live.gather(1, order)
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
-    s, i, m = s.gather(1, order), i.gather(1, order), m.gather(1, order)
-    i = torch.where(m, i, torch.full_like(i, -1))
-    s = torch.where(m, s, neg_inf)
-    if s.shape[1] < k:
-        pad = k - s.shape[1]
-        s = torch.cat([s, s.new_full((B, pad), float("-inf"))], dim=1)
-        i = torch.cat([i, i.new_full((B, pad), -1)], dim=1)
-    return s.contiguous(), i.contiguous()
-
-
-def pad_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad sorted [B, k'] results to [B, k] with (-inf, -1)."""
-    B, kk = ids.shape
-    if kk == k:
-        return scores, ids
-    s = torch.full((B, k), float("-inf"), dtype=torch.float32, device=scores.device)
-    i = torch.full((B, k), -1, dtype=torch.int64, device=ids.device)
-    s[:, :kk] = scores
-    i[:, :kk] = ids
-    return s, i
-
-
 class ExactIndex(SearchIndex):
     """Exact MIPS over the key table with ``pluglm_kernels.mips_topk`` (kind "exact").
 
@@ -375,15 +338,8 @@ class ExactIndex(SearchIndex):
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_queries(queries, k)
-        B = queries.shape[0]
-        kk = min(k, self._num_valid)
-        if kk == 0:
-            return (torch.full((B, k), float("-inf"), device=queries.device),
-                    torch.full((B, k), -1, dtype=torch.int64, device=queries.device))
-        q = queries.detach().to(device=self._buf.device, dtype=torch.float32)
-        mask = None if self._num_valid == self._size else self._vbuf[: self._size]
-        s, i = pluglm_kernels.mips_topk(q, self.keys, kk, valid=mask, backend=self.backend)
-        s, i = pad_topk(s, i, k)
+        s, i = exact_topk(queries, self.keys, k, valid=self._vbuf[: self._size],
+                          num_valid=self._num_valid, backend=self.backend, pad=True)
         return s.to(queries.device), i.to(queries.device)
 
 

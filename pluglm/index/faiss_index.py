@@ -32,7 +32,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .exact import SearchIndex, check_valid, default_nlist, finish_topk
+from ..topk import merge_topk
+from .exact import SearchIndex, check_valid, default_nlist
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 _CHUNK_ROWS = 65536  # rows converted to float32 numpy at a time (bounded extra memory)
@@ -349,9 +350,9 @@ class FaissIndex(SearchIndex):
                 ids = np.where(ids >= 0, self._gpu_ids[np.maximum(ids, 0)], -1)
             live = ids >= 0
             live &= self._alive[np.clip(ids, 0, max(0, self._size - 1))]
-        s, i = finish_topk(torch.from_numpy(np.ascontiguousarray(D, dtype=np.float32)),
+        s, i = merge_topk(torch.from_numpy(np.ascontiguousarray(D, dtype=np.float32)),
                            torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)),
-                           torch.from_numpy(live), k)
+                           k, torch.from_numpy(live))
         return s.to(out_dev), i.to(out_dev)
 
     # Tests flip this to exercise the over-fetch path used where faiss lacks IDSelector search.

@@ -6,9 +6,11 @@ wiring in ``apply.py``); ``PlugLMEncoder`` encodes memory entries with the host'
 embeddings (``memory.encode(model.pluglm_encoder)``); ``set_memory(model, memory)`` swaps
 memories. Needs transformers only for the models it patches.
 """
+from pluglm.nn import LiveEncodedMemory
+
 from .apply import (PostLNMemoryOutput, PreLNMemoryMLP, ReducedFFN, apply_pluglm, get_memory,
                     last_retrieval, memory_reads, reset_state, set_memory)
-from .encoder import LiveEncodedMemory, PlugLMEncoder
+from .encoder import PlugLMEncoder
 from .families import detect
 from .read import MemoryRead
 

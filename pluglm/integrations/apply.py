@@ -39,11 +39,12 @@ import types
 import torch
 from torch import nn
 
-from pluglm.nn import RetrievalOutput
+from pluglm.nn import LiveEncodedMemory, RetrievalOutput
+from pluglm.nn.activations import ACTIVATIONS
 
-from .encoder import ATTACH_NAME, LiveEncodedMemory, PlugLMEncoder
+from .encoder import ATTACH_NAME, PlugLMEncoder
 from .families import detect, shapes
-from .read import QUERY_MODES, QUERY_NORMS, MemoryRead, _Context
+from .read import QUERY_MODES, QUERY_NORMS, MemoryRead, ReadContext
 
 _CTX = "_pluglm_context"
 
@@ -56,10 +57,13 @@ class ReducedFFN(nn.Module):
 
     def __init__(self, hidden_size: int, dim: int, act: str, dropout: float, init_std: float):
         super().__init__()
-        from transformers.activations import ACT2FN
-
         self.fc_in = nn.Linear(hidden_size, dim)
-        self.act = ACT2FN[act]
+        if act in ACTIVATIONS:
+            self.act = ACTIVATIONS[act]
+        else:  # a host activation PlugLM's table does not name
+            from transformers.activations import ACT2FN
+
+            self.act = ACT2FN[act]
         self.fc_out = nn.Linear(dim, hidden_size)
         self.dropout = nn.Dropout(dropout)
         for lin in (self.fc_in, self.fc_out):
@@ -170,11 +174,11 @@ def _release_mask(module, args, kwargs, output):
         stack.pop()
 
 
-def _install_context(model: nn.Module, base: nn.Module) -> _Context:
+def _install_context(model: nn.Module, base: nn.Module) -> ReadContext:
     ctx = model.__dict__.get(_CTX)
     if ctx is not None:
         return ctx
-    ctx = _Context()
+    ctx = ReadContext()
     for m in dict.fromkeys((model, base)):  # base may be model itself
         m.__dict__[_CTX] = ctx
         m.register_forward_pre_hook(_capture_mask, with_kwargs=True)

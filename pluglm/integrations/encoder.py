@@ -1,4 +1,4 @@
-"""Memory-entry encoder for a Hugging Face host model (DESIGN.md §1's document encoder,
+"""Memory-entry encoder for a Hugging Face host model (docs/design.md §1's document encoder,
 generalised to any supported family).
 
 ``PlugLMEncoder.encode_memory(token_ids [E, L], attention_mask [E, L])
@@ -136,43 +136,3 @@ class PlugLMEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, key_dim={self.key_dim}, value_dim={self.value_dim}"
-
-
-class LiveEncodedMemory:
-    """Stale keys for the search, fresh keys for the gradient (DESIGN.md §1).
-
-    Wraps a memory that can give its entries' tokens (``token_ids_of(ids [B, N]) ->
-    (token ids [B, N, L], mask [B, N, L])``, as ``KnowledgeMemory`` does): ``search`` uses
-    the stored keys; ``fetch`` re-encodes the retrieved entries with the live ``encoder``
-    when it is training with grad enabled (so the gradient reaches the host embeddings,
-    the pooler, W_k and W_v), and otherwise returns the stored keys and values.
-    ``set_memory(model, memory)`` wraps such a memory automatically.
-    """
-
-    def __init__(self, memory, encoder):
-        if not callable(getattr(memory, "token_ids_of", None)):
-            raise TypeError(f"LiveEncodedMemory needs a memory with token_ids_of(ids), got {type(memory).__name__}")
-        if not callable(getattr(encoder, "encode_memory", None)):
-            raise TypeError("encoder must have encode_memory(token_ids, attention_mask)")
-        self.memory = memory
-        self.encoder = encoder
-
-    def search(self, q: torch.Tensor, k: int):
-        return self.memory.search(q, k)
-
-    def fetch(self, indices: torch.Tensor):
-        enc = self.encoder
-        if not (torch.is_grad_enabled() and getattr(enc, "training", True)):
-            return self.memory.fetch(indices)
-        tok, mask = self.memory.token_ids_of(indices, trim=True)  # [B, N, L] each
-        B, N, L = tok.shape
-        keys, values = enc.encode_memory(tok.reshape(B * N, L), mask.reshape(B * N, L))
-        return keys.view(B, N, -1), values.view(B, N, -1)
-
-    def fetch_keys(self, indices: torch.Tensor):
-        return self.memory.fetch_keys(indices)
-
-    def __getattr__(self, name):  # keys, values, version, sources_of, ...: the memory's
-        if name in ("memory", "encoder"):
-            raise AttributeError(name)
-        return getattr(self.memory, name)

@@ -35,7 +35,7 @@ class Family:
         """The host's own input embedding of memory entries: [E, L] ids -> [E, L, d].
 
         bert: the whole embedding module (word + position + token type + LayerNorm, as in
-        DESIGN.md §1); gpt2: wte + wpe (positions 0..L-1); llama: embed_tokens (no absolute
+        docs/design.md §1); gpt2: wte + wpe (positions 0..L-1); llama: embed_tokens (no absolute
         positions). The last two are not normalised; the encoder adds its own LayerNorm.
         """
         ids = token_ids.long()

@@ -3,12 +3,13 @@
 ``MemoryRead(x [B, T, d]) -> Mem [B, T, d]``: pool a query from x, search the plugged-in
 memory (stale keys, no gradient), fetch the retrieved keys/values (differentiable; a memory
 that re-encodes them with the live encoder trains that encoder), knowledge attention with the
-cosine bias. It is the retrieval half of ``pluglm.nn.MemoryLayer``; the host block supplies
-the residual, the FFN and the normalisation (see ``apply.py`` for the per-family wiring).
+cosine bias. It is the retrieval half of ``pluglm.nn.MemoryLayer`` and reads the memory
+through the same ``pluglm.nn.read`` functions; the host block supplies the residual, the FFN
+and the normalisation (see ``apply.py`` for the per-family wiring).
 
 Two query modes:
 
-* ``"sequence"`` (encoders; DESIGN.md §1): one query per sequence,
+* ``"sequence"`` (encoders; docs/design.md §1): one query per sequence,
   ``q = norm(W_q AttnPool(x, mask))`` over the sequence's real tokens; all its tokens read the
   same N entries. With ``query_norm="batch"`` this is exactly MemoryLayer's query.
 * ``"causal"`` (decoders): one query per token, pooled over that token's prefix only,
@@ -24,7 +25,7 @@ no past (``past_len == 0``); a call whose past length does not match the state (
 caller interleaved, a cache cropped) pools over its current chunk only and warns once.
 Beam search reorders the KV cache but not this state: use greedy or sampling decoding.
 
-The mask and past length come from a ``_Context`` that a forward pre-hook on the top-level
+The mask and past length come from a ``ReadContext`` that a forward pre-hook on the top-level
 model fills (HF FFN blocks never receive the attention mask); with no context every token is
 real and there is no past.
 """
@@ -37,6 +38,7 @@ from torch import nn
 
 from pluglm.nn import AttentivePool, KnowledgeAttention, Memory, RetrievalOutput
 from pluglm.nn.knowledge_attention import ATTENTION_TYPES, cosine_bias
+from pluglm.nn.read import fetch_entries, search_entries
 
 QUERY_MODES = ("sequence", "causal")
 QUERY_NORMS = ("batch", "layer", "none")
@@ -46,7 +48,7 @@ QUERY_NORMS = ("batch", "layer", "none")
 _POOL_BLOCK_ELEMS = 1 << 22
 
 
-class _Context:
+class ReadContext:
     """What the top-level model's forward pre-hook saw, for the FFN-level memory reads.
 
     A stack, because a wrapped model (``BertForMaskedLM`` -> ``BertModel``) fires the hook
@@ -183,13 +185,8 @@ class MemoryRead(nn.Module):
         w = self.query_proj.weight
         q = self.query_norm(self.query_proj(pooled.to(w.dtype)))  # [R, key_dim], R = B or B*T
         N = self.memory_k
-        scores, indices = memory.search(q.detach(), N)  # [R, N] each, no grad
-        R = q.shape[0]
-        if tuple(indices.shape) != (R, N):
-            raise ValueError(f"memory.search returned indices of shape {tuple(indices.shape)}, "
-                             f"expected [{R}, {N}]")
-        indices = indices.to(device=x.device, dtype=torch.int64)
-        keys, values = self._fetch(memory, indices, dedupe=causal)
+        scores, indices = search_entries(memory, q, N)  # [R, N] each, no grad
+        keys, values = fetch_entries(memory, indices, self.key_dim, self.hidden_size, dedupe=causal)
         bias = cosine_bias(q, keys)  # [R, N]
         hidden = x.reshape(B * T, 1, d) if causal else x
         mem = self.knowledge_attention(hidden, values.to(dtype=x.dtype), bias)  # [R, T or 1, d]
@@ -198,30 +195,6 @@ class MemoryRead(nn.Module):
         else:
             self.last_retrieval = RetrievalOutput(indices, scores.to(x.device))
         return mem.reshape(B, T, d)
-
-    def _fetch(self, memory, indices: torch.Tensor, dedupe: bool):
-        R, N = indices.shape
-        if dedupe and R * N > 1:
-            # Neighbouring tokens mostly retrieve the same entries: fetch (and, in training,
-            # re-encode) each distinct entry once, then gather. indices [R, N] -> uniq [U].
-            uniq, inverse = torch.unique(indices, return_inverse=True)
-            keys, values = memory.fetch(uniq[None])  # [1, U, key_dim], [1, U, dv]
-            self._check_fetched(keys, values, 1, uniq.numel())
-            keys = keys[0].to(indices.device)[inverse]  # [R, N, key_dim]
-            values = values[0].to(indices.device)[inverse]  # [R, N, dv]
-        else:
-            keys, values = memory.fetch(indices)
-            self._check_fetched(keys, values, R, N)
-            keys, values = keys.to(indices.device), values.to(indices.device)
-        return keys, values
-
-    def _check_fetched(self, keys, values, R, N):
-        if not isinstance(keys, torch.Tensor) or tuple(keys.shape) != (R, N, self.key_dim):
-            raise ValueError(f"memory.fetch returned keys of shape {tuple(getattr(keys, 'shape', ()))}, "
-                             f"expected [{R}, {N}, key_dim={self.key_dim}]")
-        if not isinstance(values, torch.Tensor) or tuple(values.shape) != (R, N, self.hidden_size):
-            raise ValueError(f"memory.fetch returned values of shape {tuple(getattr(values, 'shape', ()))}, "
-                             f"expected [{R}, {N}, {self.hidden_size}]")
 
     # ------------------------------------------------------------- running prefix pool
 

@@ -1,4 +1,4 @@
-"""Knowledge attention module (DESIGN.md §1): every token reads its sequence's N retrieved
+"""Knowledge attention module (docs/design.md §1): every token reads its sequence's N retrieved
 memory entries, with a per-head additive bias ``beta_h * c_j`` where ``c_j = cos(q, k_j)``.
 
 ``KnowledgeAttention.forward(hidden [B, T, d], values [B, N, dv], bias [B, N]) -> [B, T, d]``
@@ -13,6 +13,12 @@ memory entries, with a per-head additive bias ``beta_h * c_j`` where ``c_j = cos
   The published model always has dv = d; when ``value_dim != hidden_size`` an identity is
   impossible, so (only then) a ``W_O = Linear(dv, d)`` maps the mixed value to d.
   The result is a broadcast view [B, T, d] of one [B, 1, d] row per sequence.
+
+``head_major_output=True`` reproduces the published code's layout slip (its checkpoint was
+trained with it): the per-head output, head-major ``[B, H, T, Dh]``, is read as ``[B, T, d]``
+by a plain reshape, so the row W_O sees for token t holds pieces of neighbouring tokens'
+heads. A fixed permutation within each sequence, applied before W_O on every backend and
+path (the ops write ``[B, T, H, Dh]``; the permute costs one copy of that output).
 
 ``forward_gathered(hidden, table_k, table_v, indices, bias)`` is the inference path over
 per-entry projected tables ``table_k = W_K v_i``, ``table_v = W_V v_i`` ([M, H, Dh], see
@@ -62,6 +68,7 @@ class KnowledgeAttention(nn.Module):
       attention_type: "multi_head" or "sentence_level" (see the module docstring).
       dropout: attention-probability dropout used in training mode (0.1 in the published model).
       backend: passed to the pluglm_kernels ops ("auto" picks the fastest available).
+      head_major_output: the published layout (see the module docstring); multi_head only.
 
     Parameters (multi_head): q_proj Linear(d, d), k_proj Linear(dv, d), v_proj Linear(dv, d),
     out_proj Linear(d, d), beta [H] initialised to 1. sentence_level: out_proj Linear(dv, d)
@@ -70,7 +77,7 @@ class KnowledgeAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, value_dim: int | None = None,
                  attention_type: str = "multi_head", dropout: float = 0.1, backend: str = "auto",
-                 bias: bool = True):
+                 bias: bool = True, *, head_major_output: bool = False):
         super().__init__()
         if attention_type not in ATTENTION_TYPES:
             raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
@@ -91,6 +98,7 @@ class KnowledgeAttention(nn.Module):
         self.attention_type = attention_type
         self.dropout = float(dropout)
         self.backend = backend
+        self.head_major_output = bool(head_major_output)
         if attention_type == "multi_head":
             self.q_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
             self.k_proj = nn.Linear(value_dim, hidden_size, bias=bias)
@@ -124,7 +132,12 @@ class KnowledgeAttention(nn.Module):
         return q.view(B, T, self.num_heads, self.head_dim)  # [B, T, H, Dh]
 
     def _output(self, out: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """out [B, T, H, Dh] -> W_O applied per token row -> [B, T, d]."""
         B, T = hidden.shape[:2]
+        if self.head_major_output:
+            # one pass that both permutes to [B, H, T, Dh] and casts
+            hm = torch.empty(B, self.num_heads, T, self.head_dim, dtype=hidden.dtype, device=out.device)
+            out = hm.copy_(out.transpose(1, 2))
         return self.out_proj(out.reshape(B, T, self.hidden_size).to(hidden.dtype))
 
     # ----------------------------------------------------------------------------- forward
@@ -215,4 +228,5 @@ class KnowledgeAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, value_dim={self.value_dim}, "
-                f"attention_type={self.attention_type!r}, dropout={self.dropout}, backend={self.backend!r}")
+                f"attention_type={self.attention_type!r}, dropout={self.dropout}, backend={self.backend!r}"
+                + (", head_major_output=True" if self.head_major_output else ""))

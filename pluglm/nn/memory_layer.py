@@ -1,4 +1,4 @@
-"""A PlugLM memory layer usable in any model (DESIGN.md §1), and a simple tensor memory.
+"""A PlugLM memory layer usable in any model (docs/design.md §1), and a simple tensor memory.
 
 ``MemoryLayer(...)(A, attention_mask, memory)`` with A [B, T, d] the output of the
 self-attention block and attention_mask [B, T] the raw 0/1 padding mask (not the -10000
@@ -33,13 +33,13 @@ import weakref
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import pluglm_kernels
-
+from ..topk import exact_topk
+from .activations import activation
 from .knowledge_attention import ATTENTION_TYPES, KnowledgeAttention, cosine_bias
 from .pooling import AttentivePool
+from .read import LiveEncodedMemory, fetch_entries, search_entries
 
 
 class RetrievalOutput(NamedTuple):
@@ -146,15 +146,7 @@ class TensorMemory:
         No gradient. q is moved to the keys' device and compared in float32 (float64 for
         float64 keys, which only the reference backend runs).
         """
-        keys = self._keys
-        backend = self.backend
-        if keys.dtype == torch.float64:
-            qdtype = torch.float64
-            backend = "reference" if backend == "auto" else backend
-        else:
-            qdtype = torch.float32
-        q = q.detach().to(device=keys.device, dtype=qdtype)
-        return pluglm_kernels.mips_topk(q, keys, k, valid=self._valid, backend=backend)
+        return exact_topk(q, self._keys, k, valid=self._valid, backend=self.backend)
 
     def fetch_keys(self, indices: torch.Tensor) -> torch.Tensor:
         """Stored keys of ``indices`` [B, N]: [B, N, key_dim]."""
@@ -225,23 +217,13 @@ class TensorMemory:
 # ---------------------------------------------------------------------------------- layer
 
 
-def _gelu_tanh(x):
-    return F.gelu(x, approximate="tanh")
-
-
-_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": _gelu_tanh, "gelu_tanh": _gelu_tanh,
-                "gelu_pytorch_tanh": _gelu_tanh, "relu": F.relu, "silu": F.silu, "swish": F.silu}
-
-
 class LinearAct(nn.Linear):
     """act(W x + b): the published ``LinearActivation`` (same state-dict names)."""
 
     def __init__(self, in_features: int, out_features: int, act: str = "gelu"):
         super().__init__(in_features, out_features)
-        if act not in _ACTIVATIONS:
-            raise ValueError(f"ffn_act must be one of {sorted(_ACTIVATIONS)}, got {act!r}")
+        self._fn = activation(act, "ffn_act")
         self.act = act
-        self._fn = _ACTIVATIONS[act]
 
     def forward(self, x):
         return self._fn(super().forward(x))
@@ -266,7 +248,7 @@ def _memory_token(memory) -> tuple:
 
 
 class MemoryLayer(nn.Module):
-    """Plug-in memory layer (DESIGN.md §1): retrieval + knowledge attention + reduced FFN.
+    """Plug-in memory layer (docs/design.md §1): retrieval + knowledge attention + reduced FFN.
 
     Args:
       hidden_size: d. num_heads: heads of the knowledge attention. key_dim: query/key width.
@@ -277,6 +259,8 @@ class MemoryLayer(nn.Module):
       layer_norm_eps: of the output LayerNorm. backend: for the pluglm_kernels ops.
       value_dim: width of a memory value (default d). pool_hidden: attentive-pool width
       (default d). query_batchnorm: BatchNorm1d on the query (published default True).
+      head_major_output, pool_denominator_eps: the published code's knowledge-attention
+      layout and pooling denominator (``KnowledgeAttention`` / ``AttentivePool``); off by default.
 
     Submodules: pooler (AttentivePool), query_proj Linear(d, key_dim), batch_norm
     BatchNorm1d(key_dim), knowledge_attention (KnowledgeAttention), ffn (Sequential of
@@ -288,7 +272,8 @@ class MemoryLayer(nn.Module):
                  attention_type: str = "multi_head", dropout: float = 0.1,
                  layer_norm_eps: float = 1e-12, backend: str = "auto", *,
                  value_dim: int | None = None, attention_dropout: float | None = None,
-                 pool_hidden: int | None = None, query_batchnorm: bool = True, memory=None):
+                 pool_hidden: int | None = None, query_batchnorm: bool = True, memory=None,
+                 head_major_output: bool = False, pool_denominator_eps: float | None = None):
         super().__init__()
         for name, v in (("hidden_size", hidden_size), ("key_dim", key_dim), ("memory_k", memory_k)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -306,12 +291,14 @@ class MemoryLayer(nn.Module):
         self.backend = backend
         self.value_dim = hidden_size if value_dim is None else value_dim
 
-        self.pooler = AttentivePool(hidden_size, pool_hidden, backend=backend)
+        self.pooler = AttentivePool(hidden_size, pool_hidden, backend=backend,
+                                    denominator_eps=pool_denominator_eps)
         self.query_proj = nn.Linear(hidden_size, key_dim)
         self.batch_norm = nn.BatchNorm1d(key_dim) if query_batchnorm else nn.Identity()
         self.knowledge_attention = KnowledgeAttention(
             hidden_size, num_heads, value_dim=self.value_dim, attention_type=attention_type,
-            dropout=dropout if attention_dropout is None else attention_dropout, backend=backend)
+            dropout=dropout if attention_dropout is None else attention_dropout, backend=backend,
+            head_major_output=head_major_output)
         if memory_ffn_dim > 0:
             self.ffn = nn.Sequential(LinearAct(hidden_size, memory_ffn_dim, ffn_act),
                                      nn.Linear(memory_ffn_dim, hidden_size), nn.Dropout(dropout))
@@ -366,27 +353,19 @@ class MemoryLayer(nn.Module):
             raise ValueError("no memory: pass memory= or call set_memory(memory) first")
 
         q = self.compute_query(A, attention_mask)  # [B, key_dim]
-        scores, indices = memory.search(q.detach(), self.memory_k)  # [B, N] each, no grad
         N = self.memory_k
-        if tuple(indices.shape) != (B, N):
-            raise ValueError(f"memory.search returned indices of shape {tuple(indices.shape)}, "
-                             f"expected [B={B}, N={N}]")
-        indices = indices.to(device=A.device, dtype=torch.int64)
-
-        if self._tables_usable():
+        scores, indices = search_entries(memory, q, N)  # [B, N] each, no grad
+        # a memory re-encoded on every read (reencode=True) never reads precomputed tables
+        if self._tables_usable() and not (isinstance(memory, LiveEncodedMemory) and memory.always):
             tables = self._ensure_tables(memory)
             keys = (memory.fetch_keys(indices) if hasattr(memory, "fetch_keys")
                     else memory.fetch(indices)[0])
             bias = cosine_bias(q, self._check_keys(keys, B, N).to(A.device))  # [B, N]
             mem = self.knowledge_attention.forward_gathered(A, tables[0], tables[1], indices, bias)
         else:
-            keys, values = memory.fetch(indices)
-            keys = self._check_keys(keys, B, N).to(A.device)
-            if not isinstance(values, torch.Tensor) or tuple(values.shape) != (B, N, self.value_dim):
-                raise ValueError(f"memory.fetch returned values of shape "
-                                 f"{tuple(getattr(values, 'shape', ()))}, expected [B, N, {self.value_dim}]")
+            keys, values = fetch_entries(memory, indices, self.key_dim, self.value_dim)
             bias = cosine_bias(q, keys)  # [B, N]
-            mem = self.knowledge_attention(A, values.to(device=A.device, dtype=A.dtype), bias)
+            mem = self.knowledge_attention(A, values.to(dtype=A.dtype), bias)
 
         h = A + mem
         if self.ffn is not None:

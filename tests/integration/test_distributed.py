@@ -68,14 +68,13 @@ def _checks(rank: int, world: int, seed: int, tmp: str) -> None:
     M, d = 1003, 24
     g, keys, ikeys, values, tokens = _tables(seed, M, d, world)
     a, b = D.shard_bounds(M, rank, world)
-    shard = D.ShardedKeys.from_global(keys, rank, world)
-    assert shard.local_range == (a, b) and shard.global_size == M
+    assert 0 <= a <= b <= M
 
     # 1. float keys, same queries everywhere, ties across shard boundaries
     bounds = [D.shard_bounds(M, r, world)[0] for r in range(1, world)]
     q = torch.cat([keys[bounds] * 3, keys[:1] * 3, torch.randn(4, d, generator=g)])  # [B, d]
     for k in (1, 2, 5, 40, min(2048, M // world + 7)):
-        got = shard.search(q, k)
+        got = D.sharded_search(q, k, keys[a:b], a)
         _check_same(got, pluglm_kernels.mips_topk(q, keys, k), f"float k={k}")
     got = D.sharded_search(q, 40, keys[a:b], a)
     for j, bnd in enumerate(bounds):
@@ -108,7 +107,7 @@ def _checks(rank: int, world: int, seed: int, tmp: str) -> None:
     ids = D.sharded_search(q, 6, keys[a:b], a)[1]
     ids[0, -1] = -1
     for table in (values, tokens, values.to(torch.bfloat16)):
-        got = shard.fetch(ids, table[a:b])
+        got = D.fetch_rows(ids, table[a:b], a)
         want = table[ids.clamp(min=0)]
         want[ids < 0] = 0
         assert got.dtype == table.dtype and torch.equal(got, want), table.dtype

@@ -1,7 +1,8 @@
 """KnowledgeMemory files: round trips, atomic saves under SIGKILL, corrupted inputs.
 
 A saved memory is a directory (manifest.json, tensors.safetensors, texts.jsonl); see
-pluglm/memory.py. Loading must never execute code and must name the bad file.
+pluglm/memory/files.py and docs/design.md §4. Loading must never execute code and must name
+the bad file.
 """
 from __future__ import annotations
 

@@ -227,6 +227,39 @@ def test_encode_key_dtype_and_bad_encoder(tok):
         mem.encode(Bad(), progress=False)
 
 
+def test_encode_and_refresh_share_one_length_grouped_loop(tok):
+    """KnowledgeMemory.encode and the refresher batch the same rows (length-sorted, each
+    batch padded to its longest entry) and reject the same bad encoder output."""
+    from pluglm.memory.encode import length_batches
+    from pluglm.refresh import AsyncKeyRefresher
+
+    mem, _ = build(tok, n=17)
+    s = mem.snapshot()
+    seen = []
+    for b0, r, ids, mask in length_batches(s, torch.arange(len(s)), 4, torch.device("cpu")):
+        assert ids.shape == mask.shape and ids.shape[1] == int(s.lengths[r].max())
+        seen.append(r)
+    order = torch.cat(seen)
+    assert sorted(order.tolist()) == list(range(len(s)))
+    assert bool((s.lengths[order][1:] >= s.lengths[order][:-1]).all())
+
+    class Flaky(TinyEncoder):  # values in the first batch only
+        calls = 0
+
+        def encode_memory(self, t, m):
+            k, v = super().encode_memory(t, m)
+            Flaky.calls += 1
+            return k, (v if Flaky.calls == 1 else None)
+
+    with pytest.raises(ValueError, match="values for some batches"):
+        mem.encode(Flaky(len(tok)), batch_size=4, progress=False)
+    Flaky.calls = 0
+    with AsyncKeyRefresher(Flaky(len(tok)), mem, interval=0, chunk=4) as r:
+        r.refresh_now()
+        with pytest.raises(ValueError, match="values for some batches"):
+            r.wait()
+
+
 # -------------------------------------------------------------------------------- search
 
 

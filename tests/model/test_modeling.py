@@ -1,5 +1,5 @@
 """PlugLM model classes (issue 5 items 1, 2, 5, 8): config, the model against a
-straightforward reference implementation of DESIGN.md §1 (outputs and every gradient, eval
+straightforward reference implementation of docs/design.md §1 (outputs and every gradient, eval
 with stored values and training with stale-key search + fresh re-encode), heads, Auto-class
 round trips, memory plumbing, SyncBatchNorm conversion, explain() and torch.compile.
 
@@ -27,9 +27,8 @@ from pluglm.modeling_pluglm import (
     PlugLMForTokenClassification,
     PlugLMModel,
     PlugLMRetrieval,
-    _LiveEncodedMemory,
 )
-from pluglm.nn import TensorMemory
+from pluglm.nn import LiveEncodedMemory, TensorMemory
 
 RTOL = {torch.float64: 1e-10, torch.float32: 5e-5}
 # Gradients pass back through three post-LN layers and a training-mode BatchNorm over five
@@ -196,7 +195,7 @@ def ref_encode_docs(P, ids, mask, eps):
 
 def ref_model(model, ids, mask, memory, training):
     """Last hidden state [B, T, d], MLM logits [B, T, V] and the retrieved indices per memory
-    layer, written out from DESIGN.md §1 with the model's own parameter tensors."""
+    layer, written out from docs/design.md §1 with the model's own parameter tensors."""
     cfg = model.config
     P = dict(model.named_parameters())
     bufs = dict(model.named_buffers())
@@ -391,7 +390,7 @@ def test_live_fetch_dedups_repeats_exactly(fresh_seed):
     model = randomize_(PlugLMModel(tiny_config(kernel_backend="reference"))).double()
     mem = build_memory(model)
     idx = torch.tensor([[3, 7, 3], [7, 7, 0]])
-    keys, values = _LiveEncodedMemory(mem, model).fetch(idx)
+    keys, values = LiveEncodedMemory(mem, model, always=True).fetch(idx)
     rk, rv = model.encode_memory(mem.token_ids[idx].reshape(6, -1), mem.mask[idx].reshape(6, -1))
     assert_close(keys, rk.view(2, 3, -1), torch.float64, "keys")
     assert_close(values, rv.view(2, 3, -1), torch.float64, "values")

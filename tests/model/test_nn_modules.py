@@ -1,10 +1,10 @@
-"""pluglm.nn modules against hand-written formulations (DESIGN.md §1, issue 4).
+"""pluglm.nn modules against hand-written formulations (docs/design.md §1, issue 4).
 
 The oracles are written out by hand the way the published PlugLM code does it (separate
 nn.Linear projections, torch.bmm for q.k, additive beta*cos bias, softmax, dropout, bmm,
 output projection) — with one deliberate fix: the published BiasedMultiHeadAttention
 reshapes [B*H, T, Dh] straight to [B, T, d] without moving the head axis back, which mixes
-heads and tokens; DESIGN.md's ``W_O concat_h`` is the intended math, so the oracle
+heads and tokens; docs/design.md's ``W_O concat_h`` is the intended math, so the oracle
 transposes. float64 runs use backend="reference" (tight tolerances); float32 runs use
 "auto" (whatever kernels are built).
 """
@@ -277,7 +277,7 @@ def test_attentive_pool_matches_formula(pool_hidden):
 
 def hand_memory_layer(layer: MemoryLayer, A, mask, keys_table, values_table, *, training,
                       running):
-    """DESIGN.md §1 written out the published way, reading the layer's own parameters (so
+    """docs/design.md §1 written out the published way, reading the layer's own parameters (so
     every parameter gradient can be compared directly)."""
     pool = layer.pooler
     pooled = hand_attentive_pool(A, mask, pool.w1, pool.b1, pool.w2, pool.b2)

@@ -19,6 +19,8 @@ import inspect
 import sys
 import time
 
+from .common import CLIError, Group, dir_bytes, human, pack, paragraphs, save_memory
+
 QUERIES = ("how do I open a file", "what is a generator", "sort a list", "read and write JSON",
            "run a shell command and capture its output", "current date and time")
 NEW_FACT = ("Knowledge in a PlugLM memory is editable: this entry was added after the memory was "
@@ -98,11 +100,9 @@ def demo_texts(tokenizer, max_length: int, entries: int) -> tuple[list[str], lis
     """(texts, sources, entries per category): each document packed into entries of at most
     max_length tokens; first the first entry of every document, categories interleaved, then
     the second ones; the first ``entries`` kept."""
-    from .cli_memory import Group, _paragraphs, pack
-
     per_cat = {}
     for cat, docs in corpus().items():
-        per_cat[cat] = [list(zip(*pack([Group(src, _paragraphs(text))], tokenizer, max_length)))[:2]
+        per_cat[cat] = [list(zip(*pack([Group(src, paragraphs(text))], tokenizer, max_length)))[:2]
                         for src, text in docs]
     chosen, counts = [], dict.fromkeys(per_cat, 0)
     for part in (0, 1):
@@ -135,9 +135,8 @@ def cmd_demo(args) -> int:
     from rich.console import Console
     from rich.text import Text
 
-    from .cli_memory import CLIError, _human, dir_bytes, save_memory
-    from .encoders import default_encoder
-    from .memory import KnowledgeMemory
+    from ..encoders import default_encoder
+    from ..memory import KnowledgeMemory
 
     if args.entries < 10:
         raise CLIError(f"--entries must be >= 10, got {args.entries}")
@@ -178,7 +177,7 @@ def cmd_demo(args) -> int:
     if args.out:
         mem.compact()
         root = save_memory(mem, enc.spec(), args.out)
-        con.print(Text(f"\nsaved the memory to {root} ({_human(dir_bytes(root))}); try:\n"
+        con.print(Text(f"\nsaved the memory to {root} ({human(dir_bytes(root))}); try:\n"
                        f"  pluglm query {args.out} \"how do I remove a directory tree\"\n"
                        f"  pluglm explain {args.out} \"what is a generator\""))
     con.print(Text(f"\ndone in {time.perf_counter() - t0:.1f} s (torch threads: {torch.get_num_threads()})"))
@@ -197,13 +196,3 @@ def add_parser(sub) -> None:
     s.add_argument("--out", default=None, metavar="DIR", help="also save the memory here, for 'pluglm query'")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_demo)
-
-
-def main() -> int:  # python -m pluglm.demo
-    from .cli import main as cli_main
-
-    return cli_main(["demo", *sys.argv[1:]])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
