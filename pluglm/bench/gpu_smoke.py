@@ -114,9 +114,9 @@ def cmd_facts(args) -> int:
         info["faiss"] = getattr(faiss, "__version__", "present")
     except Exception:
         info["faiss"] = None
-    from .sweep import _cpu_name
+    from .common import machine_info
 
-    info["cpu"] = _cpu_name()
+    info["cpu"] = machine_info("cpu")["cpu"]
     gpu = torch.cuda.is_available() and not args.dry_run
     device = torch.device("cuda" if gpu else "cpu")
     if gpu:
@@ -365,7 +365,7 @@ def _summary(results) -> dict:
 
 
 def cmd_smoke(args) -> int:
-    from pluglm_kernels import _backends
+    import pluglm_kernels as pk
 
     t_end = time.monotonic() + args.budget_s
     gpu = torch.cuda.is_available() and not args.dry_run
@@ -380,7 +380,7 @@ def cmd_smoke(args) -> int:
         doc["backends"] = prev.get("backends", []) + backends
     for fam, be, label, thunk in smoke_cases(backends):
         r = {"family": fam, "backend": be, "case": label, "device": str(device)}
-        ok, why = _backends.availability(fam, be, device.type)
+        ok, why = pk.availability(fam, be, device.type)
         if not ok:
             r.update(status="SKIP", why=why)
         elif time.monotonic() > t_end:
@@ -441,7 +441,7 @@ def bench_groups(cfg):
 
 
 def cmd_bench(args) -> int:
-    from .sweep import SweepConfig, machine_info
+    from .common import SweepConfig, machine_info
 
     t_end = time.monotonic() + args.budget_s
     gpu = torch.cuda.is_available() and not args.dry_run
