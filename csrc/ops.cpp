@@ -8,6 +8,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/isa.h"
+#include "kernel_limits.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -68,6 +71,11 @@ bool cuda_built() {
 #endif
 }
 
+int64_t max_k() { return pluglm::kMaxK; }
+
+// The instruction set the C++ CPU kernels pick for a call made now (PLUGLM_CPU_ISA applied).
+std::string cpu_isa() { return pluglm::cpu::isa_name(pluglm::cpu::active_isa()); }
+
 int openmp_max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -81,6 +89,9 @@ int openmp_max_threads() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pluglm native kernels (the ops register themselves in torch.ops.pluglm)";
   m.def("cuda_built", &cuda_built, "whether the CUDA kernels were compiled into this build");
+  m.def("max_k", &max_k, "largest k of mips_topk (pluglm_kernels.MAX_K states the same)");
+  m.def("cpu_isa", &cpu_isa,
+        "instruction set the C++ CPU kernels use now: avx512, avx2 or scalar (PLUGLM_CPU_ISA caps it)");
   m.def("openmp_max_threads", &openmp_max_threads,
         "OpenMP threads the C++ kernels use (0 when built without OpenMP)");
 }

@@ -44,6 +44,7 @@ def exact_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *,
                 torch.full((B, k), -1, dtype=torch.int64, device=keys.device))
     q = queries.detach().to(device=keys.device, dtype=query_dtype)
     s, i = pluglm_kernels.mips_topk(q, keys, kk, key_scales=key_scales, valid=valid,
+                                    num_valid=None if valid is None else num_valid,
                                     backend=backend)
     return pad_topk(s, i, k) if kk < k else (s, i)
 

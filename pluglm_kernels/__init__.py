@@ -33,10 +33,7 @@ from .functional import (  # noqa: E402
     mips_topk,
     quantize_keys,
 )
-from .functional import MAX_K  # noqa: E402
-
-# Float dtypes a key or value table may hold (int8 keys need per-row scales: quantize_keys).
-FLOAT_TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ._validate import FLOAT_TABLE_DTYPES, MAX_K  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

@@ -82,7 +82,19 @@ def cuda_built() -> bool:
 
 
 def availability(op: str, backend: str, device_type: str) -> tuple[bool, str]:
-    """Whether ``backend`` can run ``op`` on tensors of ``device_type``; else why not."""
+    """Whether ``backend`` can run ``op`` on tensors of ``device_type``; else why not.
+
+    Cached: what it depends on is fixed once the extension and the Triton modules are
+    loaded, except the TRITON_INTERPRET switch, which is read at each call and is part of
+    the cache key (tests and users may set it after import)."""
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    interpret = backend == "triton" and device_type == "cpu" and triton_interpret()
+    return _availability(op, backend, device_type, interpret)
+
+
+@functools.lru_cache(maxsize=None)
+def _availability(op: str, backend: str, device_type: str, interpret: bool) -> tuple[bool, str]:
     if backend == "reference":
         return True, ""
     if backend == "cpu":
@@ -107,19 +119,18 @@ def availability(op: str, backend: str, device_type: str) -> tuple[bool, str]:
         if not _NATIVE[op] or missing:
             return False, f"no CUDA kernel for {op} in this build"
         return True, ""
-    if backend == "triton":
-        ok, why = triton_status()
-        if not ok:
-            return False, why
-        if device_type == "cpu" and not triton_interpret():
-            return False, "Triton on CPU tensors needs TRITON_INTERPRET=1 (the interpreter)"
-        if device_type not in ("cpu", "cuda"):
-            return False, f"Triton does not run on {device_type} tensors"
-        _import_triton_kernels()
-        if op not in TRITON_OPS:
-            return False, f"no Triton kernel for {op}"
-        return True, ""
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    # triton
+    ok, why = triton_status()
+    if not ok:
+        return False, why
+    if device_type == "cpu" and not interpret:
+        return False, "Triton on CPU tensors needs TRITON_INTERPRET=1 (the interpreter)"
+    if device_type not in ("cpu", "cuda"):
+        return False, f"Triton does not run on {device_type} tensors"
+    _import_triton_kernels()
+    if op not in TRITON_OPS:
+        return False, f"no Triton kernel for {op}"
+    return True, ""
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,19 +146,35 @@ def _import_triton_kernels() -> None:
 
 
 def resolve(op: str, backend: str, device: torch.device) -> str:
-    """The concrete backend that runs ``op`` on ``device``; raises if a named one can't."""
+    """The concrete backend that runs ``op`` on ``device``; raises if a named one can't.
+
+    Called on every op call, so the answer is cached (see ``availability``)."""
+    dev = device.type
+    # the switch matters only where Triton may run on CPU tensors: a named "triton"
+    # ("auto" never picks Triton for CPU tensors, see _AUTO_ORDER)
+    interpret = backend == "triton" and dev == "cpu" and triton_interpret()
+    return _resolve(op, backend, dev, interpret)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(op: str, backend: str, dev: str, interpret: bool) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    dev = device.type
     if backend == "auto":
         for cand in _AUTO_ORDER.get(dev, ("reference",)):
-            if availability(op, cand, dev)[0]:
+            if _availability(op, cand, dev, interpret and cand == "triton")[0]:
                 return cand
         return "reference"
-    ok, why = availability(op, backend, dev)
+    ok, why = _availability(op, backend, dev, interpret and backend == "triton")
     if not ok:
         raise RuntimeError(f"backend {backend!r} is not available for {op} on {dev}: {why}")
     return backend
+
+
+def clear_caches() -> None:
+    """Forget cached availability answers (after loading kernels by other means)."""
+    _availability.cache_clear()
+    _resolve.cache_clear()
 
 
 def backend_report() -> list[dict]:

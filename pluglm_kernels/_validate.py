@@ -1,10 +1,29 @@
-"""Argument checks shared by the public wrappers: each failure names the argument and what
-was expected, and happens before any kernel launch."""
+"""Argument checks of the public wrappers, and the limits they state.
+
+Where validation lives (one place per call): the public functions of
+``pluglm_kernels.functional`` check every argument here, before any kernel launch, with a
+``TypeError`` / ``ValueError`` naming the argument and what was expected, and do the
+data-dependent checks (finite queries, index ranges) with at most one host sync per call.
+The ``torch.ops.pluglm.*`` custom ops behind them only dispatch; called directly, bad
+input is refused by the kernel they reach (the native ``_C_*`` ops keep O(1) metadata
+guards, ``TORCH_CHECK`` -> ``RuntimeError``, because they index raw pointers; the Triton
+launchers and the references raise too). See docs/design.md.
+
+The limits below are the only copies in ``pluglm_kernels``; ``csrc/kernel_limits.h`` states
+``MAX_K`` for the native kernels and a test checks that the two agree.
+"""
 from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from ._backends import BACKENDS
+
+# Float dtypes the kernels take for activations and tables (int8 keys need per-row scales:
+# quantize_keys); float64 runs through backend="reference" only.
+FLOAT_TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REFERENCE_FLOAT_DTYPES = FLOAT_TABLE_DTYPES + (torch.float64,)
+# Largest k of mips_topk on every backend (csrc/kernel_limits.h: kMaxK).
+MAX_K = 2048
 
 
 def tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=None) -> torch.Tensor:
@@ -21,7 +40,7 @@ def tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=None) -
 
 
 def shape(name: str, t: torch.Tensor, expected: tuple, what: str = "") -> None:
-    if tuple(t.shape) != tuple(expected):
+    if t.shape != expected:  # torch.Size compares equal to a tuple of the same ints
         extra = f" ({what})" if what else ""
         raise ValueError(f"{name} must have shape {tuple(expected)}{extra}, got {tuple(t.shape)}")
 
@@ -47,8 +66,6 @@ def probability(name: str, p) -> float:
 
 
 def backend(name: str, b) -> str:
-    from ._backends import BACKENDS
-
     if b not in BACKENDS:
         raise ValueError(f"{name} must be one of {BACKENDS}, got {b!r}")
     return b

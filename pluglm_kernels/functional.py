@@ -3,6 +3,8 @@
 Every function validates its arguments before any kernel runs and raises ``TypeError`` /
 ``ValueError`` naming the argument; ``backend`` is "auto", "triton", "cuda", "cpu" or
 "reference" (a named backend that is unavailable raises ``RuntimeError`` saying why).
+This is the one place a call is validated: the ops below trust what they get (see
+``_validate``), and the data-dependent checks cost at most one host sync per call.
 """
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ import torch
 
 from . import _validate as V
 from . import ops  # noqa: F401  (registers torch.ops.pluglm.*)
+from ._validate import MAX_K  # noqa: F401  (re-exported as pluglm_kernels.MAX_K)
 
-_KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_REF_FLOATS = _KERNEL_FLOATS + (torch.float64,)
+_KERNEL_FLOATS = V.FLOAT_TABLE_DTYPES
+_REF_FLOATS = V.REFERENCE_FLOAT_DTYPES
 _INT_IDS = (torch.int16, torch.int32, torch.int64, torch.uint8)
-MAX_K = 2048
 
 
 def _eager() -> bool:
@@ -41,15 +43,20 @@ def quantize_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def mips_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, key_scales=None, valid=None,
-              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+              num_valid: int | None = None, backend: str = "auto"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact maximum-inner-product top-k, never materialising the [B, M] score matrix.
 
     queries: [B, d] float32/float16/bfloat16 (float32 or the keys' dtype)
     keys:    [M, d] float32/float16/bfloat16, or int8 with key_scales [M] float32; row-major
     valid:   optional bool [M]; False rows (deleted entries) are never returned
+    num_valid: optional number of True entries in ``valid``, for callers that already hold
+             it (a memory snapshot does): skips counting them. It is trusted; if it is too
+             large, the missing rows come back as index -1 with score -inf.
     Returns scores [B, k] float32 sorted descending and indices [B, k] int64; equal scores
-    are ordered by lower index. Not differentiable. Raises on k < 1, k > 2048, k larger than
-    the number of valid rows, a dim mismatch, wrong dtypes or devices, non-finite queries.
+    are ordered by lower index. Not differentiable. Raises on k < 1, k > MAX_K (2048), k
+    larger than the number of valid rows, a dim mismatch, wrong dtypes or devices,
+    non-finite queries (one host sync for the finiteness and count checks together).
     (Under torch.compile the data-dependent checks are skipped; missing rows come back as
     index -1 with score -inf.)
     """
@@ -77,19 +84,28 @@ def mips_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, key_scales=N
         raise TypeError(f"queries must be float32 or the keys' dtype {keys.dtype}, got {queries.dtype}")
     if not keys.is_contiguous():
         raise ValueError("keys must be contiguous row-major [M, d] (a copy would cost O(M*d) memory)")
-    V.integer("k", k, lo=1, hi=min(MAX_K, M), what="1 <= k <= min(2048, number of keys)")
+    V.integer("k", k, lo=1, hi=min(MAX_K, M), what=f"1 <= k <= min({MAX_K}, number of keys)")
     if valid is not None:
         V.tensor("valid", valid, ndim=1, dtypes=(torch.bool,), device=queries.device)
         V.shape("valid", valid, (M,), "one flag per key row")
         valid = valid.contiguous()
+    if num_valid is not None:
+        if valid is None:
+            raise ValueError("num_valid counts the True entries of valid; pass valid with it")
+        V.integer("num_valid", num_valid, lo=0, hi=M, what="the number of True entries of valid")
     queries = queries.detach().contiguous()
     if _eager():
-        if not bool(torch.isfinite(queries).all()):
+        finite = torch.isfinite(queries).all()
+        if valid is not None and num_valid is None:
+            if queries.device.type == "cpu":  # no sync to save: two plain reads are cheaper
+                finite, num_valid = bool(finite), int(valid.sum())
+            else:  # one host sync for both answers (-1: not finite)
+                num_valid = int(torch.where(finite, valid.sum(), -1))
+                finite = num_valid >= 0
+        if not finite:
             raise ValueError("queries must be finite (found NaN or Inf)")
-        if valid is not None:
-            n_valid = int(valid.sum())
-            if k > n_valid:
-                raise ValueError(f"k={k} is larger than the number of valid rows ({n_valid})")
+        if valid is not None and k > num_valid:
+            raise ValueError(f"k={k} is larger than the number of valid rows ({num_valid})")
     return torch.ops.pluglm.mips_topk(queries, keys.detach(), k, key_scales, valid, backend)
 
 
@@ -101,9 +117,12 @@ def _seed(dropout_p: float, seed) -> int:
     return V.integer("seed", seed, lo=0, hi=2**63 - 1)
 
 
-def _check_attention_qbb(q, bias, beta, N, backend):
-    floats = _floats(backend)
+def _check_q(q, floats) -> None:
     V.tensor("q", q, ndim=4, dtypes=floats)
+
+
+def _check_bias_beta(q, bias, beta, N):
+    """bias [B, N] and beta [H] as contiguous float32 (float64 for float64 q)."""
     B, T, H, Dh = q.shape
     V.tensor("bias", bias, ndim=2, dtypes=_REF_FLOATS, device=q.device)
     V.shape("bias", bias, (B, N), "[B, N]")
@@ -127,14 +146,16 @@ def knowledge_attention(q, k, v, bias, beta, *, dropout_p: float = 0.0, seed=Non
     """
     V.backend("backend", backend)
     dropout_p = V.probability("dropout_p", dropout_p)
-    V.tensor("k", k, ndim=4, dtypes=_floats(backend), device=getattr(q, "device", None))
-    bias32, beta32 = _check_attention_qbb(q, bias, beta, k.shape[1], backend)
+    floats = _floats(backend)
+    _check_q(q, floats)
     B, T, H, Dh = q.shape
+    V.tensor("k", k, ndim=4, dtypes=floats, device=q.device)
     V.shape("k", k, (B, k.shape[1], H, Dh), "[B, N, H, Dh]")
-    V.tensor("v", v, ndim=4, dtypes=_floats(backend), device=q.device)
+    V.tensor("v", v, ndim=4, dtypes=floats, device=q.device)
     V.shape("v", v, tuple(k.shape), "same as k")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+    bias32, beta32 = _check_bias_beta(q, bias, beta, k.shape[1])
     out, _ = torch.ops.pluglm.knowledge_attention(q.contiguous(), k.contiguous(), v.contiguous(),
                                                   bias32, beta32, dropout_p,
                                                   _seed(dropout_p, seed), backend)
@@ -153,7 +174,7 @@ def gather_knowledge_attention(q, table_k, table_v, indices, bias, beta, *, drop
     V.backend("backend", backend)
     dropout_p = V.probability("dropout_p", dropout_p)
     floats = _floats(backend)
-    V.tensor("q", q, ndim=4, dtypes=floats)
+    _check_q(q, floats)
     V.tensor("table_k", table_k, ndim=3, dtypes=floats, device=q.device)
     V.tensor("table_v", table_v, ndim=3, dtypes=floats, device=q.device)
     V.tensor("indices", indices, ndim=2, dtypes=(torch.int32, torch.int64), device=q.device)
@@ -169,10 +190,12 @@ def gather_knowledge_attention(q, table_k, table_v, indices, bias, beta, *, drop
     for name, t in (("table_k", table_k), ("table_v", table_v)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (a copy would cost O(M*H*Dh) memory)")
-    bias32, beta32 = _check_attention_qbb(q, bias, beta, indices.shape[1], backend)
+    bias32, beta32 = _check_bias_beta(q, bias, beta, indices.shape[1])
     indices = indices.to(torch.int64).contiguous()
-    if _eager() and indices.numel() and bool(((indices < 0) | (indices >= M)).any()):
-        raise ValueError(f"indices must be in [0, {M}) (rows of table_k)")
+    if _eager() and indices.numel():
+        lo, hi = torch.aminmax(indices)
+        if not bool((lo >= 0) & (hi < M)):  # one host sync
+            raise ValueError(f"indices must be in [0, {M}) (rows of table_k)")
     out, _ = torch.ops.pluglm.gather_knowledge_attention(
         q.contiguous(), table_k, table_v, indices, bias32, beta32, dropout_p,
         _seed(dropout_p, seed), backend)
@@ -262,12 +285,16 @@ def encode_knowledge(token_ids, attention_mask, word_embeddings, position_embedd
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     if _eager() and token_ids.numel():
-        lo, hi = int(token_ids.min()), int(token_ids.max())
+        ranges = [torch.stack(torch.aminmax(token_ids)).to(torch.int64)]
+        if token_type_ids is not None:
+            ranges.append(torch.stack(torch.aminmax(token_type_ids)).to(torch.int64))
+        bounds = torch.cat(ranges).tolist()  # one host sync for both id ranges
+        lo, hi = bounds[:2]
         if lo < 0 or hi >= Vv:
             raise ValueError(f"token_ids must be in [0, {Vv}) (rows of word_embeddings), "
                              f"got values in [{lo}, {hi}]")
-        if token_type_ids is not None and token_type_ids.numel():
-            lo, hi = int(token_type_ids.min()), int(token_type_ids.max())
+        if len(bounds) == 4:
+            lo, hi = bounds[2:]
             if lo < 0 or hi >= token_type_embeddings.shape[0]:
                 raise ValueError(f"token_type_ids must be in [0, {token_type_embeddings.shape[0]})")
     return torch.ops.pluglm.encode_knowledge(

@@ -3,8 +3,13 @@
 Each op takes a ``backend`` argument and dispatches, at run time, to the native C++/CUDA
 kernels (``torch.ops.pluglm._C_*``), the Triton launchers, or the pure-PyTorch reference.
 Fake implementations give output shapes for torch.compile / opcheck; autograd rules call a
-companion ``*_backward`` op that dispatches the same way. Arguments are validated by the
-wrappers in ``pluglm_kernels.functional`` before they get here.
+companion ``*_backward`` op that dispatches the same way.
+
+Arguments are validated once, by the wrappers in ``pluglm_kernels.functional``, before
+they get here; these bodies only pick a backend (a cached lookup) and call it. An op
+called directly (``torch.ops.pluglm.<name>``) still refuses bad input through the kernel
+it reaches: the native ops' ``TORCH_CHECK`` guards (``RuntimeError``), the Triton
+launchers' checks, or the reference's own errors.
 """
 from __future__ import annotations
 

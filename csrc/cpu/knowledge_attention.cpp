@@ -21,17 +21,18 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <memory>
-#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "../philox.h"
+#include "isa.h"
 
 namespace {
+
+using namespace pluglm::cpu;
 
 constexpr int64_t kMaxN = 256;
 // Forward: rows of T per task (amortises the per-task conversion of k and v).
@@ -62,97 +63,14 @@ Dropout make_dropout(double p, int64_t seed) {
   return d;
 }
 
-// Inner loops are force-inlined into the task bodies, which are compiled twice: for the
-// portable baseline and for AVX2+FMA (picked at run time), so one binary is fast on
-// current x86 CPUs and still runs on older ones.
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define PLUGLM_INLINE inline __attribute__((always_inline))
-#define PLUGLM_TASK_INLINE __attribute__((always_inline))
-#define PLUGLM_HAVE_AVX2_CLONE 1
-#else
-#define PLUGLM_INLINE inline
-#define PLUGLM_TASK_INLINE
-#define PLUGLM_HAVE_AVX2_CLONE 0
-#endif
+// Inner loops are force-inlined into the task bodies, which run in the clone isa.h picks:
+// the forward and the reductions have an AVX2+FMA clone (kFwdIsa), the fixed-Dh backward
+// an AVX-512 one too.
+constexpr Isa kFwdIsa = Isa::Avx2;
 
-#if PLUGLM_HAVE_AVX2_CLONE
-// PLUGLM_CPU_ISA=scalar|avx2|avx512 caps the instruction set the kernels pick (as in
-// mips_topk.cpp), read at each call: the tests reach every code path on one machine.
-// 0: portable build, 1: AVX2+FMA clone, 2: AVX-512 clone (backward).
-int isa_cap() {
-  const char* env = std::getenv("PLUGLM_CPU_ISA");
-  if (env == nullptr) return 2;
-  const std::string s(env);
-  return s == "scalar" ? 0 : s == "avx2" ? 1 : 2;
-}
-
-template <typename F>
-__attribute__((target("avx2,fma"))) void run_avx2(const F& f, int64_t begin, int64_t end) {
-  f(begin, end);
-}
-
-bool cpu_has_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-
-// The backward's AVX-512 clone (16-float vectors in its row loops).
-template <typename F>
-__attribute__((target("avx2,fma,avx512f,avx512vl,avx512dq,avx512bw"))) void run_avx512(
-    const F& f, int64_t begin, int64_t end) {
-  f(begin, end);
-}
-
-bool cpu_has_avx512() {
-  static const bool yes = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
-  return yes;
-}
-#endif
-
-// at::parallel_for over [0, n) running `f(begin, end)` in its AVX2 clone where supported.
 template <typename F>
 void parallel_tasks(int64_t n, int64_t grain, const F& f) {
-#if PLUGLM_HAVE_AVX2_CLONE
-  const bool avx2 = isa_cap() >= 1 && cpu_has_avx2_fma();
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    if (avx2) {
-      run_avx2(f, begin, end);
-    } else {
-      f(begin, end);
-    }
-  });
-#else
-  at::parallel_for(0, n, grain, f);
-#endif
-}
-
-PLUGLM_INLINE float dot(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
-PLUGLM_INLINE void axpy(float a, const float* x, float* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
-template <typename scalar_t>
-PLUGLM_INLINE void load_row(const scalar_t* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-template <>
-inline void load_row<float>(const float* src, float* dst, int64_t n) {
-  std::copy(src, src + n, dst);
-}
-
-template <typename scalar_t>
-PLUGLM_INLINE void store_row(const float* src, scalar_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  parallel_for_isa<kFwdIsa>(n, grain, f);
 }
 
 // Row of k/v holding entry j of sequence b: b*N + j for dense k/v [B, N, H, Dh], or
@@ -960,27 +878,22 @@ void backward_kernel_fixed(const scalar_t* grad_out, const scalar_t* q, const sc
   };
   // 16-float vectors in the AVX-512 clone, 8 in the AVX2 one, 4 in the portable build
   // (SSE2 or other 128-bit vectors: wider ones would not fit its registers).
-#if PLUGLM_HAVE_AVX2_CLONE
-  const int cap = isa_cap();
-  if (cap >= 2 && cpu_has_avx512()) {
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      run_avx512([&](int64_t b0, int64_t b1) PLUGLM_TASK_INLINE {
+  const Isa isa = active_isa<Isa::Avx512>();
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+#if PLUGLM_HAVE_ISA_CLONES
+    if (isa == Isa::Avx512) {
+      return run_avx512([&](int64_t b0, int64_t b1) PLUGLM_TASK_INLINE {
         body(std::integral_constant<int, 16>{}, b0, b1);
       }, begin, end);
-    });
-  } else if (cap >= 1 && cpu_has_avx2_fma()) {
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      run_avx2([&](int64_t b0, int64_t b1) PLUGLM_TASK_INLINE {
+    }
+    if (isa == Isa::Avx2) {
+      return run_avx2([&](int64_t b0, int64_t b1) PLUGLM_TASK_INLINE {
         body(std::integral_constant<int, 8>{}, b0, b1);
       }, begin, end);
-    });
-  } else
+    }
 #endif
-  {
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      body(std::integral_constant<int, 4>{}, begin, end);
-    });
-  }
+    body(std::integral_constant<int, 4>{}, begin, end);
+  });
 
   if (chunks > 1) {
     // dk/dv = sum of the partials in chunk order, in blocks of kBlock elements.

@@ -18,8 +18,8 @@
 // and come out lower index first. A NaN score (NaN in a key row) is never selected.
 //
 // Instruction sets: AVX-512F and AVX2+FMA+F16C kernels are compiled with target attributes
-// and picked at run time; a portable scalar kernel covers everything else.
-// PLUGLM_CPU_ISA=avx512|avx2|scalar caps the choice (tests use it to exercise each path).
+// and picked per call by isa.h (PLUGLM_CPU_ISA=avx512|avx2|scalar caps the choice; tests
+// use it to exercise each path); a portable scalar kernel covers everything else.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/extension.h>
@@ -27,11 +27,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <vector>
+
+#include "../kernel_limits.h"
+#include "isa.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 // GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_*.
@@ -43,13 +44,15 @@
 
 namespace {
 
-constexpr int64_t kMaxK = 2048;
+using pluglm::kMaxK;
+using pluglm::cpu::Isa;
+using pluglm::cpu::active_isa;
+
 // Keys per block: about this many bytes of float32 rows, so a block stays in L2 while
 // every query chunk sweeps it.
 constexpr int64_t kBlockBytes = 192 * 1024;
 
 enum class KeyType { F32, F16, BF16, I8 };
-enum class Isa { Scalar, Avx2, Avx512 };
 
 // ------------------------------------------------------------------------ micro-kernels
 //
@@ -315,29 +318,10 @@ __attribute__((target("avx2,f16c"))) void convert_avx2(const void* src, KeyType 
 
 #endif  // PLUGLM_X86
 
-Isa detect_isa() {
-  Isa best = Isa::Scalar;
-#ifdef PLUGLM_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f"))
-    best = Isa::Avx512;
-  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c"))
-    best = Isa::Avx2;
-#endif
-  return best;
-}
-
 // The chunk width depends only on B (and the ISA), so the FMA chain of a score, hence the
 // result, is the same for every thread count and blocking.
 Impl pick_impl(int64_t B) {
-  static const Isa hw = detect_isa();
-  Isa isa = hw;
-  if (const char* env = std::getenv("PLUGLM_CPU_ISA")) {
-    const std::string s(env);
-    const Isa want = s == "scalar" ? Isa::Scalar : s == "avx2" ? Isa::Avx2 : Isa::Avx512;
-    if (static_cast<int>(want) < static_cast<int>(isa)) isa = want;
-  }
+  const Isa isa = active_isa();
 #ifdef PLUGLM_X86
   if (isa == Isa::Avx512) {
     if (B == 1) return {&kernel_dot_avx512<1, 8>, 1, 8, &convert_avx512, true};
@@ -485,8 +469,6 @@ std::tuple<at::Tensor, at::Tensor> mips_topk_cpu(const at::Tensor& queries, cons
   check_args(queries, keys, k, key_scales, valid);
   const int64_t B = queries.size(0), d = queries.size(1), M = keys.size(0);
   const at::Tensor q32 = queries.to(at::kFloat).contiguous();  // [B, d]
-  TORCH_CHECK(at::isfinite(q32).all().item<bool>(),
-              "_C_mips_topk: queries must be finite (found NaN or Inf)");
 
   const KeyType kt = keys.scalar_type() == at::kFloat  ? KeyType::F32
                      : keys.scalar_type() == at::kHalf ? KeyType::F16
@@ -499,14 +481,19 @@ std::tuple<at::Tensor, at::Tensor> mips_topk_cpu(const at::Tensor& queries, cons
 
   // Queries per chunk, zero-padded to CW: transposed qt [n_chunks][d][CW] for the
   // broadcast kernels, row-major [n_chunks][CW][d] for the dot-product ones.
+  // The finiteness check rides on this pass over the queries (no extra pass or sync).
   std::vector<float> qt(static_cast<size_t>(n_chunks * d * CW), 0.f);
   {
     const float* qp = q32.data_ptr<float>();
+    bool finite = true;
     for (int64_t b = 0; b < B; ++b)
       for (int64_t c = 0; c < d; ++c) {
         const int64_t at = impl.q_rows ? (b % CW) * d + c : c * CW + b % CW;
-        qt[(b / CW) * d * CW + at] = qp[b * d + c];
+        const float v = qp[b * d + c];
+        finite &= std::isfinite(v);
+        qt[(b / CW) * d * CW + at] = v;
       }
+    TORCH_CHECK(finite, "_C_mips_topk: queries must be finite (found NaN or Inf)");
   }
 
   // Keys per block: a multiple of NR near kBlockBytes of float32 rows.

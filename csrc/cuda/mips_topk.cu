@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../kernel_limits.h"
 #include "mips_pack.cuh"
 
 namespace pluglm {
@@ -484,8 +485,8 @@ std::tuple<at::Tensor, at::Tensor> mips_topk_cuda(const at::Tensor& queries,
   TORCH_CHECK(B >= 1 && d >= 1, "mips_topk: queries must be non-empty, got ", queries.sizes());
   TORCH_CHECK(M >= 1, "mips_topk: keys must have at least one row");
   TORCH_CHECK(keys.size(1) == d, "mips_topk: keys must have ", d, " columns, got ", keys.sizes());
-  TORCH_CHECK(k >= 1 && k <= 2048 && k <= M, "mips_topk: k must be in [1, min(2048, M=", M,
-              ")], got ", k);
+  TORCH_CHECK(k >= 1 && k <= pluglm::kMaxK && k <= M, "mips_topk: k must be in [1, min(",
+              pluglm::kMaxK, ", M=", M, ")], got ", k);
   TORCH_CHECK(M <= kMipsMaxRows, "mips_topk: keys has ", M, " rows; at most ", kMipsMaxRows);
   // torch's rule, as the Python wrapper and the CPU kernel apply it: a dimension of size 1
   // may have any stride (an [1, d] row view of a wider table is contiguous). The kernel

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from pluglm_kernels._backends import TRITON_OPS
+from pluglm_kernels._validate import FLOAT_TABLE_DTYPES
 from pluglm_kernels.triton._device import on_tensor_device
 
 _BLOCK_T = 16
@@ -234,7 +235,7 @@ def _ids(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_tables(token_ids, word, pos, type_, position_offset):
-    if word.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if word.dtype not in FLOAT_TABLE_DTYPES:
         raise TypeError("word_embeddings must be float32, float16 or bfloat16 (float64 runs "
                         f"through backend='reference'), got {word.dtype}")
     if pos.dtype != word.dtype or type_.dtype != word.dtype:

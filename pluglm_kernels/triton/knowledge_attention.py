@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from pluglm_kernels._backends import TRITON_OPS
+from pluglm_kernels._validate import FLOAT_TABLE_DTYPES
 from pluglm_kernels.triton._device import on_tensor_device
 from pluglm_kernels.reference import dropout_threshold
 
@@ -327,7 +328,7 @@ _FWD_MAX_ROWS = {False: {16: 128, 32: 64, 64: 64, 128: 64},
 
 
 def _check(q, k, v, indices, bias, beta, dropout_p):
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if q.dtype not in FLOAT_TABLE_DTYPES:
         raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
     for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias), ("beta", beta)):
         if not t.is_contiguous():

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from pluglm_kernels._backends import TRITON_OPS
+from pluglm_kernels._validate import MAX_K
 from pluglm_kernels.triton._device import on_tensor_device
 
 TRITON_OPS.add("mips_topk")
@@ -206,8 +207,8 @@ def mips_topk_triton(queries: torch.Tensor, keys: torch.Tensor, k: int,
     M = keys.shape[0]
     if keys.shape[1] != d:
         raise ValueError(f"keys must have {d} columns, got {tuple(keys.shape)}")
-    if not 1 <= k <= 2048:
-        raise ValueError(f"k must be in [1, 2048], got {k}")
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be in [1, {MAX_K}], got {k}")
     if M > _MAX_ROWS:
         raise ValueError(f"keys has {M} rows; the Triton kernel supports at most {_MAX_ROWS}")
     is_int8 = keys.dtype == torch.int8

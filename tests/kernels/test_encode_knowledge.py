@@ -241,6 +241,52 @@ def test_encode_knowledge_backward_is_deterministic_across_thread_counts(fresh_s
             assert torch.equal(x, y), name
 
 
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return flag in f.read().split()
+    except OSError:
+        return False
+
+
+ISAS = ["scalar", "avx2", "avx512"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=IDS.get)
+def test_encode_knowledge_honours_pluglm_cpu_isa(fresh_seed, monkeypatch, dtype):
+    """PLUGLM_CPU_ISA caps the instruction set of the encoder and pooling kernels as it does
+    for the other C++ kernels (csrc/cpu/isa.h): every path matches the float64 reference,
+    each is deterministic, and in float32 the paths really differ (vector widths change
+    the order of the row reductions, so at least one bit of the outputs or gradients moves;
+    bfloat16 rounding can hide that)."""
+    ids, mask, tt, params = _enc_inputs(4, 13, 200, 37, 9, 16, 2, dtype, True, 1)
+    go = torch.randn(4, 200)
+
+    def run(backend):
+        return lambda *p: pk.encode_knowledge(ids, mask, *p, token_type_ids=tt,
+                                              position_offset=1, backend=backend)
+
+    ref_out, ref_grads = _grads(run("reference"), [p.double() for p in params], go.double())
+    got = {}
+    for isa in ISAS:
+        if isa != "scalar" and not _cpu_has({"avx2": "avx2", "avx512": "avx512bw"}[isa]):
+            continue
+        monkeypatch.setenv("PLUGLM_CPU_ISA", isa)
+        assert pk.load_extension()[0].cpu_isa() == isa
+        out, grads = _grads(run("cpu"), params, go)
+        _check(out, grads, ref_out, ref_grads, dtype, ENC_NAMES)
+        again = _grads(run("cpu"), params, go)
+        assert torch.equal(out, again[0]) and all(map(torch.equal, grads, again[1])), isa
+        got[isa] = torch.cat([out.float().flatten()] + [g.float().flatten() for g in grads])
+    if dtype != torch.float32:
+        return
+    if len(got) < 2:
+        pytest.skip("this CPU has one instruction-set path only")
+    first = got.pop("scalar")
+    for isa, flat in got.items():
+        assert not torch.equal(flat, first), f"PLUGLM_CPU_ISA={isa} ran the scalar path"
+
+
 def test_auto_backend_uses_the_cpp_kernels(monkeypatch):
     calls = []
     real = torch.ops.pluglm._C_embed_layernorm_fwd

@@ -126,6 +126,36 @@ def test_auto_picks_the_cpp_kernel_when_built():
         assert chosen == ("cpu" if ok_cpu else "reference"), (op, chosen)
 
 
+def test_resolve_is_cached_and_reads_triton_interpret_at_each_call(monkeypatch):
+    dev = torch.device("cpu")
+    first = _backends.resolve("knowledge_attention", "auto", dev)
+    hits = _backends._resolve.cache_info().hits
+    assert _backends.resolve("knowledge_attention", "auto", dev) == first
+    assert _backends._resolve.cache_info().hits == hits + 1
+    # the interpreter switch is part of the cache key, not frozen at the first call (only
+    # switched off here: switching it on would make Triton interpret kernels on GPUs too)
+    before = _backends.availability("mips_topk", "triton", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ok, why = _backends.availability("mips_topk", "triton", "cpu")
+    assert not ok and "TRITON_INTERPRET=1" in why
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        _backends.resolve("mips_topk", "triton", dev)
+    monkeypatch.undo()
+    assert _backends.availability("mips_topk", "triton", "cpu") == before
+
+
+def test_limits_have_one_definition():
+    from pluglm_kernels import _validate, functional
+
+    assert pk.MAX_K == functional.MAX_K == _validate.MAX_K == 2048
+    assert pk.FLOAT_TABLE_DTYPES == (torch.float32, torch.float16, torch.bfloat16)
+    mod, why = _backends.load_extension()
+    if mod is None:
+        pytest.skip(why)
+    assert mod.max_k() == pk.MAX_K  # csrc/kernel_limits.h
+    assert mod.cpu_isa() in ("scalar", "avx2", "avx512")
+
+
 def test_backend_report_explains_every_missing_backend():
     rows = pk.backend_report()
     assert {(r["op"], r["backend"]) for r in rows} == {

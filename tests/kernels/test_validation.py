@@ -48,6 +48,25 @@ def test_mips_topk_int8_scales_checked():
         pk.mips_topk(torch.randn(2, 8), kq, 3, key_scales=ks.double())
 
 
+def test_mips_topk_num_valid_skips_the_count():
+    q, keys = torch.randn(3, 8), torch.randn(20, 8)
+    valid = torch.arange(20) % 3 != 0  # 13 valid rows
+    want = pk.mips_topk(q, keys, 5, valid=valid)
+    got = pk.mips_topk(q, keys, 5, valid=valid, num_valid=13)
+    assert all(map(torch.equal, want, got))
+    with pytest.raises(ValueError, match="larger than the number of valid rows"):
+        pk.mips_topk(q, keys, 14, valid=valid, num_valid=13)
+    with pytest.raises(ValueError, match="pass valid with it"):
+        pk.mips_topk(q, keys, 5, num_valid=20)
+    with pytest.raises(ValueError, match="num_valid must be in"):
+        pk.mips_topk(q, keys, 5, valid=valid, num_valid=21)
+    with pytest.raises(TypeError, match="num_valid must be an int"):
+        pk.mips_topk(q, keys, 5, valid=valid, num_valid=13.0)
+    # the finiteness check still runs when the count is given
+    with pytest.raises(ValueError, match="queries must be finite"):
+        pk.mips_topk(torch.full((3, 8), float("inf")), keys, 5, valid=valid, num_valid=13)
+
+
 def _attn(B=2, T=3, H=2, Dh=4, N=3, dtype=torch.float32):
     return dict(q=torch.randn(B, T, H, Dh, dtype=dtype), k=torch.randn(B, N, H, Dh, dtype=dtype),
                 v=torch.randn(B, N, H, Dh, dtype=dtype), bias=torch.randn(B, N), beta=torch.ones(H))
