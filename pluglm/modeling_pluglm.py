@@ -440,6 +440,74 @@ class PlugLMPreTrainedModel(PreTrainedModel):
         """The ``pluglm.nn.MemoryLayer`` of every memory block, bottom to top."""
         return [blk.memory for blk in self._plug.encoder.layer if isinstance(blk, PlugLMMemoryBlock)]
 
+    @torch.no_grad()
+    def align_retrieval(self, memory=None, *, sample: int = 4096, value_gain: float = 4.0,
+                        beta: float = 8.0, open_read_path: bool | None = None):
+        """Make every memory layer's query side a copy of the document side: query pooler
+        := doc pooler, W_q := W_k (config.retrieval_init="aligned" does this at init).
+
+        Why: the search is trained only through cos(q, k_j) of the entries it retrieved, so
+        if the gold entry is never in the top-N nothing teaches the model to find it (the
+        cold start). At init a post-LN stack barely changes its input, so a memory layer's
+        self-attention output is close to the token embeddings that the document encoder
+        pools: with both sides sharing weights, q . k_i scores the word overlap of query and
+        entry, and the gold entry (the one naming the same entity) is retrieved from step one.
+
+        ``open_read_path`` (default: when ``memory`` is given; the construction-time call
+        leaves it closed, so a fresh model keeps BERT's init elsewhere) opens the read path
+        too: W_v = ``value_gain`` * I and, in multi-head knowledge
+        attention, W_V = W_O = I, with beta = ``beta``. With BERT's 0.02-std init the memory's
+        contribution to a token is ~1e-3 of the residual stream and the gradient that would
+        teach the model to read it is as small; the cosine bias beta * c_j with beta = 1
+        cannot single out the best of the N entries either. (An initialisation: call it on a
+        fresh model, not a trained one.)
+
+        With ``memory`` (anything with ``token_ids_of``; up to ``sample`` of its entries are
+        read), the key and value biases are also set so that keys and values are centred over
+        those entries: the template words every entry shares otherwise dominate both, so
+        cos(q, k_j) hardly separates the retrieved entries and their values look alike, and
+        the gradient that should teach the model which entry to read is ~0. Re-encode the
+        memory afterwards. Returns self."""
+        plug = self._plug
+        doc = plug.knowledge_encoder
+        if open_read_path is None:
+            open_read_path = memory is not None
+        for layer in self.memory_layers():
+            for name in ("w1", "b1", "w2", "b2"):
+                src, dst = getattr(doc.pooler, name), getattr(layer.pooler, name)
+                if src.shape != dst.shape:
+                    raise ValueError(f"align_retrieval needs the memory layer's pooler shaped like "
+                                     f"the document pooler ({name}: {tuple(dst.shape)} vs {tuple(src.shape)})")
+                dst.copy_(src)
+            layer.query_proj.weight.copy_(doc.key_proj.weight)
+            layer.query_proj.bias.copy_(doc.key_proj.bias)
+            if not open_read_path:
+                continue
+            ka = layer.knowledge_attention
+            for proj in (getattr(ka, "v_proj", None), getattr(ka, "out_proj", None)):
+                if proj is not None and proj.weight.shape[0] == proj.weight.shape[1]:
+                    proj.weight.copy_(torch.eye(proj.weight.shape[0]))
+                    if proj.bias is not None:
+                        proj.bias.zero_()
+            if getattr(ka, "beta", None) is not None:
+                ka.beta.fill_(beta)
+        vp = doc.value_proj
+        if open_read_path and vp.weight.shape[0] == vp.weight.shape[1]:
+            vp.weight.copy_(value_gain * torch.eye(vp.weight.shape[0]))
+            vp.bias.zero_()
+        if memory is not None:
+            n = len(memory)
+            ids = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:sample] if n > sample \
+                else torch.arange(n)
+            valid = getattr(memory, "valid", None)
+            if isinstance(valid, torch.Tensor):
+                ids = ids[valid.cpu()[ids]]
+            tok, mask = memory.token_ids_of(ids.view(1, -1))  # [1, E, L] each
+            keys, values = self.encode_memory(tok[0], mask[0])  # [E, key_dim], [E, d]
+            doc.key_proj.bias.sub_(keys.float().mean(0).to(doc.key_proj.bias.dtype))
+            doc.value_proj.bias.sub_(values.float().mean(0).to(doc.value_proj.bias.dtype))
+        return self
+
     def encode_memory(self, token_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Memory entries -> (keys [E, key_dim], values [E, d]); differentiable (wrap in
         no_grad to build a memory). token_ids [E, L] int16/int32/int64, attention_mask
@@ -548,6 +616,8 @@ class PlugLMModel(PlugLMPreTrainedModel):
         self.__dict__["_memory"] = None
         self.__dict__["_reencode"] = None
         self.post_init()
+        if getattr(config, "retrieval_init", "aligned") == "aligned":
+            self.align_retrieval()
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
