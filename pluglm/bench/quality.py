@@ -73,6 +73,9 @@ class QualityConfig:
     ablation_steps: int = 800          # steps of the ablation and backend-check runs
     backend_check: bool = True
     threads: int | None = None         # torch threads (None = leave as is)
+    # Wait for each key refresh right after it starts: the run then depends only on the seed
+    # (an asynchronous refresh swaps its keys in at whichever step its thread finishes).
+    sync_refresh: bool = False
     quick: bool = False
 
     @classmethod
@@ -309,6 +312,8 @@ def train(cfg: QualityConfig, data: _Data, seed: int, *, refresh_interval: int |
             sched.step()
             opt.zero_grad(set_to_none=True)
             refresher.step()
+            if cfg.sync_refresh:
+                refresher.wait()
             losses.append(float(out.loss.detach()))
             if curves and (step % cfg.eval_every == 0 or step == cfg.steps):
                 eval_s += point(step)

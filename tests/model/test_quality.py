@@ -92,7 +92,7 @@ def test_retrieval_alignment_loss_needs_the_forward_and_stops_after_steps():
 def test_trained_pluglm_reads_updates_and_swaps_its_memory(tmp_path):
     """The CI-sized quality run (`pluglm bench --quality --quick`, one seed): lower thresholds."""
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    cfg = Q.QualityConfig.make(quick=True, seed=0, curve_queries=100, eval_every=350)
+    cfg = Q.QualityConfig.make(quick=True, seed=0, curve_queries=100, eval_every=350, sync_refresh=True)
     result = Q.run_quality(cfg, log=None)
     chance = result["chance"]  # best constant answer per relation, ~4% here
     assert chance < 0.06
