@@ -14,6 +14,7 @@ KERNEL_BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 COMPAT_MODES = ("paper", "published")
 # What compat="published" changes (docs/design.md §1, README "Coming from the published code").
 PUBLISHED_DIFFERENCES = ("head_layout", "pool_denominator", "reencode_dropout", "untied_decoder")
+RETRIEVAL_INITS = ("aligned", "random")
 
 
 def _int(name, v, lo):
@@ -50,6 +51,17 @@ class PlugLMConfig(PretrainedConfig):
         attention output, pooling denominator sum(exp) + 1e-8, embedding dropout in the
         training re-encode, untied masked-LM decoder). ``published_differences`` lists the
         ones in effect.
+      retrieval_init: "aligned" (default) starts every memory layer's query side (pooler,
+        W_q) as a copy of the document side (doc pooler, W_k), so that a fresh model already
+        retrieves by word overlap and the gold entry is in the top-N from step one (the
+        cold-start fix, docs/design.md §1; for training from scratch also call
+        ``model.align_retrieval(memory)`` and add ``pluglm.training.RetrievalAlignment``);
+        "random" keeps independent random inits.
+
+    transformers options handled as in BERT: tie_word_embeddings (MLM decoder = word
+    embeddings; default True, False with compat="published"), output_attentions /
+    output_hidden_states, and ``attn_implementation`` "sdpa" (default) or "eager"; other
+    implementations raise.
     """
 
     model_type = "pluglm"
@@ -61,7 +73,8 @@ class PlugLMConfig(PretrainedConfig):
                  layer_norm_eps=1e-12, pad_token_id=0, classifier_dropout=None,
                  num_memory_layers=1, memory_k=5, key_dim=128, doc_max_length=288,
                  memory_ffn_dim=768, knowledge_attention="multi_head", refresh_interval=200,
-                 memory_attention_dropout=0.1, kernel_backend="auto", compat="paper", **kwargs):
+                 memory_attention_dropout=0.1, kernel_backend="auto", compat="paper",
+                 retrieval_init="aligned", tie_word_embeddings=None, **kwargs):
         for name, v, lo in (("vocab_size", vocab_size, 1), ("hidden_size", hidden_size, 1),
                             ("num_hidden_layers", num_hidden_layers, 1),
                             ("num_attention_heads", num_attention_heads, 1),
@@ -96,6 +109,8 @@ class PlugLMConfig(PretrainedConfig):
             raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {kernel_backend!r}")
         if compat not in COMPAT_MODES:
             raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+        if retrieval_init not in RETRIEVAL_INITS:
+            raise ValueError(f"retrieval_init must be one of {RETRIEVAL_INITS}, got {retrieval_init!r}")
         if not isinstance(layer_norm_eps, (int, float)) or isinstance(layer_norm_eps, bool) \
                 or not layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be a positive float, got {layer_norm_eps!r}")
@@ -122,11 +137,16 @@ class PlugLMConfig(PretrainedConfig):
         self.refresh_interval = refresh_interval
         self.memory_attention_dropout = memory_attention_dropout
         self.kernel_backend = kernel_backend
+        self.retrieval_init = retrieval_init
         self.compat = compat
-        if compat == "published":
-            # its decoder is its own matrix: transformers must never tie it on load
-            kwargs.setdefault("tie_word_embeddings", False)
-        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        # transformers 5.x ties the MLM decoder to the word embeddings only when the config
+        # says so (4.x defaulted it to True in the base config). The published checkpoint's
+        # decoder is its own matrix: never tied on load.
+        if tie_word_embeddings is None:
+            tie_word_embeddings = compat != "published"
+        self.tie_word_embeddings = bool(tie_word_embeddings)
+        super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=bool(tie_word_embeddings),
+                         **kwargs)
 
     @property
     def published_differences(self) -> frozenset:
@@ -144,4 +164,4 @@ class PlugLMConfig(PretrainedConfig):
 
 
 __all__ = ["PlugLMConfig", "KNOWLEDGE_ATTENTION_TYPES", "KERNEL_BACKENDS", "COMPAT_MODES",
-           "PUBLISHED_DIFFERENCES"]
+           "PUBLISHED_DIFFERENCES", "RETRIEVAL_INITS"]

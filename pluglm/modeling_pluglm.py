@@ -33,19 +33,32 @@ refresh), and a masked-LM decoder of its own (``cls.predictions.decoder.weight``
 ``indices`` [B, N] int64, ``scores`` [B, N] float32 and ``sources`` (nested lists, or None
 when the memory has no ``sources_of``).
 
+transformers features (README, "The model classes and transformers"): self-attention is
+SDPA or, with ``attn_implementation="eager"`` or ``output_attentions``, an explicit softmax
+whose probabilities [B, H, T, T] go to ``attentions``; ``output_attentions`` also fills
+``retrieval[i].attentions`` with the knowledge-attention probabilities [B, T, H, N] (and
+makes ``output_retrieval`` default to True). Gradient checkpointing covers every layer; a
+checkpointed memory layer's recompute reuses the retrieval of its first forward.
+``copy.deepcopy(model)`` shares the plugged-in memory.
+
 Files: ``save_pretrained`` is transformers' own, in-place save; the crash-safe save (and the
 checksum-verifying load) is ``pluglm.safe_save.save_pretrained_atomic`` /
 ``from_pretrained_safe`` (docs/design.md §7).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
@@ -58,10 +71,14 @@ from transformers.modeling_outputs import (
 import pluglm_kernels
 from pluglm.nn import AttentivePool, KnowledgeAttention, LiveEncodedMemory, MemoryLayer
 from pluglm.nn.activations import activation
-from pluglm.nn.memory_layer import Memory
+from pluglm.nn.knowledge_attention import cosine_bias
+from pluglm.nn.memory_layer import Memory, RetrievalOutput
 
 from .configuration_pluglm import PlugLMConfig
 
+logger = transformers.utils.logging.get_logger(__name__)
+_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 PUBLISHED_POOL_EPS = 1e-8  # the published attentive pooling's denominator term
 
 
@@ -76,11 +93,14 @@ def _act(name: str):
 class PlugLMRetrieval(NamedTuple):
     """What one memory layer retrieved: indices [B, N] int64 (memory rows), scores [B, N]
     float32 (q . k_i on the searched keys, best first), sources (nested lists shaped like
-    indices, or None when the memory names no sources)."""
+    indices, or None when the memory names no sources), attentions (with
+    ``output_attentions``: the knowledge-attention probabilities over the N entries,
+    [B, T, H, N] float32, before dropout, detached; else None)."""
 
     indices: torch.Tensor
     scores: torch.Tensor
     sources: list | None = None
+    attentions: torch.Tensor | None = None
 
 
 # ------------------------------------------------------------------------------- outputs
@@ -149,14 +169,24 @@ class PlugLMSelfAttention(nn.Module):
         self.value = nn.Linear(d, d)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x, attn_bias):
-        """x: [B, T, d]; attn_bias: [B, 1, 1, T] additive key-padding bias in x's dtype."""
+    def forward(self, x, attn_bias, eager: bool = False):
+        """x: [B, T, d]; attn_bias: [B, 1, 1, T] additive key-padding bias in x's dtype.
+        Returns (out [B, T, d], probs): SDPA (probs None), or with ``eager`` the explicit
+        softmax whose probabilities [B, H, T, T] (after dropout, as BERT) are returned."""
         B, T, d = x.shape
         q, k, v = (p(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
                    for p in (self.query, self.key, self.value))  # [B, H, T, Dh]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
-                                             dropout_p=self.dropout_p if self.training else 0.0)
-        return out.transpose(1, 2).reshape(B, T, d)
+        p = self.dropout_p if self.training else 0.0
+        if eager:
+            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + attn_bias
+            acc = torch.promote_types(scores.dtype, torch.float32)  # fp16/bf16 softmax in fp32
+            probs = torch.softmax(scores, dim=-1, dtype=acc).to(q.dtype)  # [B, H, T, T]
+            probs = F.dropout(probs, p, self.training)
+            out = torch.matmul(probs, v)
+        else:
+            probs = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=p)
+        return out.transpose(1, 2).reshape(B, T, d), probs
 
 
 class PlugLMSelfOutput(nn.Module):
@@ -178,8 +208,9 @@ class PlugLMAttention(nn.Module):
         self.self = PlugLMSelfAttention(config)
         self.output = PlugLMSelfOutput(config)
 
-    def forward(self, x, attn_bias):
-        return self.output(self.self(x, attn_bias), x)
+    def forward(self, x, attn_bias, eager: bool = False):
+        h, probs = self.self(x, attn_bias, eager)
+        return self.output(h, x), probs
 
 
 class PlugLMIntermediate(nn.Module):
@@ -204,7 +235,12 @@ class PlugLMOutput(nn.Module):
 
 
 class PlugLMLayer(nn.Module):
-    """A plain BERT layer: attention, then the full FFN."""
+    """A plain BERT layer: attention, then the full FFN.
+
+    Every layer returns (hidden [B, T, d], retrieval or None, self-attention probabilities
+    or None, knowledge-attention probabilities or None)."""
+
+    gradient_checkpointing = False  # set per layer by gradient_checkpointing_enable()
 
     def __init__(self, config: PlugLMConfig):
         super().__init__()
@@ -212,13 +248,15 @@ class PlugLMLayer(nn.Module):
         self.intermediate = PlugLMIntermediate(config)
         self.output = PlugLMOutput(config)
 
-    def forward(self, x, attn_bias, mask, memory):
-        a = self.attention(x, attn_bias)
-        return self.output(self.intermediate(a), a), None
+    def forward(self, x, attn_bias, mask, memory, eager=False, output_attentions=False):
+        a, probs = self.attention(x, attn_bias, eager)
+        return self.output(self.intermediate(a), a), None, probs, None
 
 
 class PlugLMMemoryBlock(nn.Module):
     """A memory layer: attention, then ``pluglm.nn.MemoryLayer`` in place of the full FFN."""
+
+    gradient_checkpointing = False
 
     def __init__(self, config: PlugLMConfig):
         super().__init__()
@@ -233,9 +271,42 @@ class PlugLMMemoryBlock(nn.Module):
             head_major_output="head_layout" in config.published_differences,
             pool_denominator_eps=_pool_eps(config))
 
-    def forward(self, x, attn_bias, mask, memory):
-        a = self.attention(x, attn_bias)
-        return self.memory(a, mask, memory, return_retrieval=True)
+    def forward(self, x, attn_bias, mask, memory, eager=False, output_attentions=False):
+        a, probs = self.attention(x, attn_bias, eager)
+        if not output_attentions:
+            out, r = self.memory(a, mask, memory, return_retrieval=True)
+            return out, r, probs, None
+        if self.training and not isinstance(memory, _RecordedRead):
+            # a training-mode query cannot be recomputed (BatchNorm updates its statistics)
+            memory = _RecordedRead(memory)
+        if isinstance(memory, _RecordedRead):
+            memory.keep_fetched = True
+        out, r = self.memory(a, mask, memory, return_retrieval=True)
+        return out, r, probs, self._knowledge_probs(a, mask, memory, r.indices)
+
+    @torch.no_grad()
+    def _knowledge_probs(self, a, mask, memory, indices):
+        """The probabilities the knowledge attention used, [B, T, H, N] float32, from the
+        layer input ``a`` and what the layer searched and fetched (recorded, or re-read)."""
+        layer = self.memory
+        recorded = isinstance(memory, _RecordedRead)
+        # eval: BatchNorm reads its running statistics, so the query recomputes exactly
+        q = memory.query if recorded and memory.query is not None else layer.compute_query(a, mask)
+        fetched = memory.fetched if recorded else None
+        if recorded:
+            memory.fetched = None  # do not keep the values alive (checkpointing)
+        if fetched is None:
+            tables = layer.tables if memory is layer.memory else None
+            if tables is not None:  # the precomputed-table path: keys from the same table
+                keys = (memory.fetch_keys(indices) if hasattr(memory, "fetch_keys")
+                        else memory.fetch(indices)[0])
+                bias = cosine_bias(q, keys.to(a.device))
+                return layer.knowledge_attention.attention_probs_gathered(a, tables[0], indices, bias)
+            fetched = memory.fetch(indices)
+        keys, values = fetched
+        bias = cosine_bias(q, keys.to(a.device))  # [B, N]
+        return layer.knowledge_attention.attention_probs(
+            a, values.to(device=a.device, dtype=a.dtype), bias)
 
 
 class PlugLMLayerStack(nn.Module):
@@ -344,6 +415,84 @@ class _TrainingReencoder:
         return self.plug._encode_memory(token_ids, attention_mask, dropout=self.stochastic)
 
 
+class _RecordedRead:
+    """What one memory layer read in one forward: the first search's query and result, and
+    (``keep_fetched``) what fetch returned. A later search — the recompute of a
+    gradient-checkpointed layer — gets the first result back instead of searching again:
+    the memory may have changed meanwhile, and the recompute must rebuild exactly the graph
+    whose activations were dropped (same entries, hence same shapes and gradients)."""
+
+    def __init__(self, memory):
+        self.memory = memory
+        self.keep_fetched = False
+        self.query = None
+        self.result = None
+        self.fetched = None
+
+    def search(self, q, k):
+        if self.result is None:
+            self.query = q.detach()
+            self.result = self.memory.search(q, k)
+        return self.result
+
+    def fetch(self, indices):
+        out = self.memory.fetch(indices)
+        if self.keep_fetched:
+            self.fetched = out
+        return out
+
+    def __getattr__(self, name):  # token_ids_of, fetch_keys, values, version, ...
+        if name == "memory":
+            raise AttributeError(name)
+        return getattr(self.memory, name)
+
+
+@contextlib.contextmanager
+def _running_stats_kept(module: nn.Module):
+    """Keep the running statistics of every training-mode BatchNorm in ``module`` as they
+    are (a checkpointed recompute must not count the same batch twice): the recompute
+    updates throw-away copies, which the recomputed graph may also save for its backward."""
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.training and m.track_running_stats]
+    kept = [[getattr(m, n) for n in names] for m in bns]
+    for m, bufs in zip(bns, kept):
+        for n, t in zip(names, bufs):
+            setattr(m, n, t.clone())
+    try:
+        yield
+    finally:
+        for m, bufs in zip(bns, kept):
+            for n, t in zip(names, bufs):
+                setattr(m, n, t)
+
+
+def _checkpointed(blk, x, attn_bias, keep, memory, eager, output_attentions):
+    """Run one layer under its ``_gradient_checkpointing_func`` (set by
+    ``gradient_checkpointing_enable``). A memory layer reads through a ``_RecordedRead`` so
+    the backward's recompute reuses the retrieved ids and keeps the BatchNorm statistics."""
+    if isinstance(blk, PlugLMMemoryBlock):
+        memory = _RecordedRead(memory)
+    calls = []
+
+    def run(x, attn_bias, keep):
+        ctx = _running_stats_kept(blk) if calls else contextlib.nullcontext()
+        calls.append(None)
+        with ctx:
+            y, r, probs, kprobs = blk(x, attn_bias, keep, memory, eager, output_attentions)
+        # Flat tensors only: the reentrant variant returns outputs through an autograd.Function,
+        # which attaches its backward to every float output object, so the retrieval (reused
+        # by the recompute) leaves as fresh detached aliases or the backward would recurse.
+        if r is None:
+            return y, None, None, probs, None
+        return y, r.indices, r.scores.detach(), probs, None if kprobs is None else kprobs.detach()
+
+    y, idx, scores, probs, kprobs = blk._gradient_checkpointing_func(run, x, attn_bias, keep)
+    if idx is None:
+        return y, None, probs, None
+    return y, RetrievalOutput(idx, scores.detach()), probs, None if kprobs is None else kprobs.detach()
+
+
 # ------------------------------------------------------------------------------- models
 
 class PlugLMPreTrainedModel(PreTrainedModel):
@@ -351,8 +500,80 @@ class PlugLMPreTrainedModel(PreTrainedModel):
 
     config_class = PlugLMConfig
     base_model_prefix = "bert"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
     _no_split_modules = ["PlugLMLayer", "PlugLMMemoryBlock"]
+
+    def __init__(self, config: PlugLMConfig, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        self._attn_implementation_running()  # an unsupported request fails at construction
+
+    # ------------------------------------------------- transformers integration hooks
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # set_attn_implementation() may switch at any time: every forward reads the config
+        return True
+
+    def _attn_implementation_running(self) -> str:
+        """What self-attention runs: "sdpa" (the default, F.scaled_dot_product_attention) or
+        "eager" (explicit softmax; what output_attentions uses). Anything else raises."""
+        impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        if impl not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation={impl!r} is not supported by PlugLM models: "
+                             f"use one of {ATTN_IMPLEMENTATIONS}")
+        return impl
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                    every_n_layers: int = 1):
+        """The hook ``gradient_checkpointing_enable/disable`` call (transformers 4.x and 5.x):
+        every ``every_n_layers``-th layer (memory layers included) runs checkpointed."""
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
+        func = gradient_checkpointing_func or functools.partial(checkpoint, use_reentrant=False)
+        for i, blk in enumerate(self._plug.encoder.layer):
+            blk.gradient_checkpointing = bool(enable) and i % every_n_layers == 0
+            blk._gradient_checkpointing_func = func
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' ``from_pretrained``; with a ``device_map`` that offloads what PlugLM
+        reads directly (embeddings, knowledge encoder) it raises now, not at the forward."""
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict):
+            cls._check_device_map(device_map)
+        out = super().from_pretrained(*args, **kwargs)
+        model = out[0] if isinstance(out, tuple) else out
+        model._plug._check_not_offloaded()
+        return out
+
+    @classmethod
+    def _check_device_map(cls, device_map: dict):
+        devices = {str(d) for d in device_map.values()}
+        # "cpu" entries are offloaded (not run) when an accelerator is in the map
+        offloaded = {"disk"} | ({"cpu"} if devices - {"cpu", "disk"} else set())
+        prefix = "" if cls is PlugLMModel else cls.base_model_prefix + "."
+        direct = [prefix + "embeddings", prefix + "knowledge_encoder"]
+        for key, dev in device_map.items():
+            if str(dev) not in offloaded:
+                continue
+            for name in direct:
+                if key in ("", name) or name.startswith(key + ".") or key.startswith(name + "."):
+                    raise ValueError(
+                        f"device_map offloads {key!r} ({dev}), which holds `{name}`: PlugLM reads "
+                        f"the embeddings (also the tied MLM decoder) and the knowledge encoder "
+                        f"directly, so they cannot be offloaded; offloading `{prefix}encoder` "
+                        f"(the layers) is supported")
+
+    def __deepcopy__(self, memo):
+        """Deep copy of the weights and buffers; the plugged-in memory is shared, not copied
+        (the model never owns it, as for ``.to()`` and the state dict): the copy reads the
+        same memory. ``copy.deepcopy(memory)`` and ``set_memory`` give it its own."""
+        memory = self.memory
+        if memory is not None:
+            memo.setdefault(id(memory), memory)
+        rv = self.__reduce_ex__(4)
+        return copy._reconstruct(self, memo, *rv)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -440,10 +661,79 @@ class PlugLMPreTrainedModel(PreTrainedModel):
         """The ``pluglm.nn.MemoryLayer`` of every memory block, bottom to top."""
         return [blk.memory for blk in self._plug.encoder.layer if isinstance(blk, PlugLMMemoryBlock)]
 
+    @torch.no_grad()
+    def align_retrieval(self, memory=None, *, sample: int = 4096, value_gain: float = 4.0,
+                        beta: float = 8.0, open_read_path: bool | None = None):
+        """Make every memory layer's query side a copy of the document side: query pooler
+        := doc pooler, W_q := W_k (config.retrieval_init="aligned" does this at init).
+
+        Why: the search is trained only through cos(q, k_j) of the entries it retrieved, so
+        if the gold entry is never in the top-N nothing teaches the model to find it (the
+        cold start). At init a post-LN stack barely changes its input, so a memory layer's
+        self-attention output is close to the token embeddings that the document encoder
+        pools: with both sides sharing weights, q . k_i scores the word overlap of query and
+        entry, and the gold entry (the one naming the same entity) is retrieved from step one.
+
+        ``open_read_path`` (default: when ``memory`` is given; the construction-time call
+        leaves it closed, so a fresh model keeps BERT's init elsewhere) opens the read path
+        too: W_v = ``value_gain`` * I and, in multi-head knowledge
+        attention, W_V = W_O = I, with beta = ``beta``. With BERT's 0.02-std init the memory's
+        contribution to a token is ~1e-3 of the residual stream and the gradient that would
+        teach the model to read it is as small; the cosine bias beta * c_j with beta = 1
+        cannot single out the best of the N entries either. (An initialisation: call it on a
+        fresh model, not a trained one.)
+
+        With ``memory`` (anything with ``token_ids_of``; up to ``sample`` of its entries are
+        read), the key and value biases are also set so that keys and values are centred over
+        those entries: the template words every entry shares otherwise dominate both, so
+        cos(q, k_j) hardly separates the retrieved entries and their values look alike, and
+        the gradient that should teach the model which entry to read is ~0. Re-encode the
+        memory afterwards. Returns self."""
+        plug = self._plug
+        doc = plug.knowledge_encoder
+        if open_read_path is None:
+            open_read_path = memory is not None
+        for layer in self.memory_layers():
+            for name in ("w1", "b1", "w2", "b2"):
+                src, dst = getattr(doc.pooler, name), getattr(layer.pooler, name)
+                if src.shape != dst.shape:
+                    raise ValueError(f"align_retrieval needs the memory layer's pooler shaped like "
+                                     f"the document pooler ({name}: {tuple(dst.shape)} vs {tuple(src.shape)})")
+                dst.copy_(src)
+            layer.query_proj.weight.copy_(doc.key_proj.weight)
+            layer.query_proj.bias.copy_(doc.key_proj.bias)
+            if not open_read_path:
+                continue
+            ka = layer.knowledge_attention
+            for proj in (getattr(ka, "v_proj", None), getattr(ka, "out_proj", None)):
+                if proj is not None and proj.weight.shape[0] == proj.weight.shape[1]:
+                    proj.weight.copy_(torch.eye(proj.weight.shape[0]))
+                    if proj.bias is not None:
+                        proj.bias.zero_()
+            if getattr(ka, "beta", None) is not None:
+                ka.beta.fill_(beta)
+        vp = doc.value_proj
+        if open_read_path and vp.weight.shape[0] == vp.weight.shape[1]:
+            vp.weight.copy_(value_gain * torch.eye(vp.weight.shape[0]))
+            vp.bias.zero_()
+        if memory is not None:
+            n = len(memory)
+            ids = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:sample] if n > sample \
+                else torch.arange(n)
+            valid = getattr(memory, "valid", None)
+            if isinstance(valid, torch.Tensor):
+                ids = ids[valid.cpu()[ids]]
+            tok, mask = memory.token_ids_of(ids.view(1, -1))  # [1, E, L] each
+            keys, values = self.encode_memory(tok[0], mask[0])  # [E, key_dim], [E, d]
+            doc.key_proj.bias.sub_(keys.float().mean(0).to(doc.key_proj.bias.dtype))
+            doc.value_proj.bias.sub_(values.float().mean(0).to(doc.value_proj.bias.dtype))
+        return self
+
     def encode_memory(self, token_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Memory entries -> (keys [E, key_dim], values [E, d]); differentiable (wrap in
         no_grad to build a memory). token_ids [E, L] int16/int32/int64, attention_mask
         [E, L] raw 0/1; moved to the model's device when elsewhere."""
+        self._plug._check_not_offloaded()
         return self._plug._encode_memory(token_ids, attention_mask)
 
     def memory_encoder_snapshot(self) -> nn.Module:
@@ -534,9 +824,10 @@ class PlugLMModel(PlugLMPreTrainedModel):
     """The PlugLM backbone: embeddings, BERT layers, memory layers on top, optional pooler.
 
     forward(input_ids [B, T], attention_mask [B, T] raw 0/1, token_type_ids, position_ids,
-    inputs_embeds, output_hidden_states, output_retrieval, return_dict, memory=None) ->
-    PlugLMModelOutput(last_hidden_state [B, T, d], pooler_output [B, d] | None,
-    hidden_states, retrieval). ``memory=`` overrides the plugged-in memory for this call.
+    inputs_embeds, output_hidden_states, output_retrieval, return_dict, memory=None,
+    output_attentions) -> PlugLMModelOutput(last_hidden_state [B, T, d], pooler_output
+    [B, d] | None, hidden_states, attentions, retrieval). ``memory=`` overrides the
+    plugged-in memory for this call.
     """
 
     def __init__(self, config: PlugLMConfig, add_pooling_layer: bool = True):
@@ -548,6 +839,8 @@ class PlugLMModel(PlugLMPreTrainedModel):
         self.__dict__["_memory"] = None
         self.__dict__["_reencode"] = None
         self.post_init()
+        if getattr(config, "retrieval_init", "aligned") == "aligned":
+            self.align_retrieval()
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
@@ -558,6 +851,19 @@ class PlugLMModel(PlugLMPreTrainedModel):
     def _encode_memory(self, token_ids, attention_mask, *, dropout: bool = False):
         return _encode_entries(self.embeddings, self.knowledge_encoder, self.config.kernel_backend,
                                token_ids, attention_mask, dropout=dropout)
+
+    def _check_not_offloaded(self):
+        """The embedding tables and the knowledge encoder are read directly (document
+        encoder, device of the inputs), not through module calls that accelerate's offload
+        hooks intercept: they must stay loaded. Offloading the layers works."""
+        for name in ("embeddings", "knowledge_encoder"):
+            for p in getattr(self, name).parameters():
+                if p.device.type == "meta":
+                    raise ValueError(
+                        f"PlugLM cannot run with `{name}` offloaded (device_map 'disk', or 'cpu' "
+                        f"offload beside an accelerator): it reads those weights directly. Map "
+                        f"`{name}` to an execution device; offloading `encoder` (the layers) is "
+                        f"supported")
 
     def _reading_memory(self, memory):
         """The object the memory layers read for this forward (see the module docstring)."""
@@ -571,14 +877,13 @@ class PlugLMModel(PlugLMPreTrainedModel):
         return memory
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, output_hidden_states=None, output_retrieval=False,
+                inputs_embeds=None, output_hidden_states=None, output_retrieval=None,
                 return_dict=None, memory=None, output_attentions=None):
-        if output_attentions:
-            raise ValueError("output_attentions=True is not supported: the fused attention "
-                             "never materialises the attention probabilities")
         return_dict = self._return_dict(return_dict)
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else getattr(self.config, "output_hidden_states", False))
+        output_attentions, output_retrieval, eager = self._attention_outputs(
+            output_attentions, output_retrieval)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, d]")
         shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:2])
@@ -588,6 +893,7 @@ class PlugLMModel(PlugLMPreTrainedModel):
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
+        self._check_not_offloaded()
         device = self.embeddings.word_embeddings.weight.device
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
@@ -608,26 +914,50 @@ class PlugLMModel(PlugLMPreTrainedModel):
             reading = self._reading_memory(memory)
 
         hidden_states = (x,) if output_hidden_states else None
-        retrieval = []
+        attentions = () if output_attentions else None
+        retrieval, knowledge = [], []
+        recompute = self.training and torch.is_grad_enabled()
         for blk in self.encoder.layer:
-            x, r = blk(x, attn_bias, keep, reading)
+            if recompute and blk.gradient_checkpointing:
+                x, r, probs, kprobs = _checkpointed(blk, x, attn_bias, keep, reading, eager,
+                                                    output_attentions)
+            else:
+                x, r, probs, kprobs = blk(x, attn_bias, keep, reading, eager, output_attentions)
             if r is not None:
                 retrieval.append(r)
+                knowledge.append(kprobs)
             if output_hidden_states:
                 hidden_states = hidden_states + (x,)
+            if output_attentions:
+                attentions = attentions + (probs,)
         pooled = self.pooler(x) if self.pooler is not None else None
-        ret = self._retrieval(memory, retrieval) if output_retrieval else None
+        ret = self._retrieval(memory, retrieval, knowledge) if output_retrieval else None
         if not return_dict:
-            return tuple(v for v in (x, pooled, hidden_states, ret) if v is not None)
+            return tuple(v for v in (x, pooled, hidden_states, attentions, ret) if v is not None)
         return PlugLMModelOutput(last_hidden_state=x, pooler_output=pooled,
-                                 hidden_states=hidden_states, retrieval=ret)
+                                 hidden_states=hidden_states, attentions=attentions, retrieval=ret)
+
+    def _attention_outputs(self, output_attentions, output_retrieval):
+        """(output_attentions, output_retrieval, eager): the argument, else the config;
+        retrieval follows output_attentions unless given (it carries the knowledge-attention
+        probabilities); attention probabilities need the eager self-attention."""
+        if output_attentions is None:
+            output_attentions = bool(getattr(self.config, "output_attentions", False))
+        if output_retrieval is None:
+            output_retrieval = output_attentions
+        impl = self._attn_implementation_running()
+        if output_attentions and impl == "sdpa":
+            logger.warning_once("PlugLM: output_attentions=True runs the eager self-attention "
+                                "(SDPA never materialises the probabilities); load with "
+                                "attn_implementation='eager' to make that the default")
+        return bool(output_attentions), bool(output_retrieval), bool(output_attentions) or impl == "eager"
 
     @staticmethod
-    def _retrieval(memory, retrieval):
+    def _retrieval(memory, retrieval, knowledge):
         sources_of = getattr(memory, "sources_of", None)
         return tuple(PlugLMRetrieval(r.indices, r.scores,
-                                     sources_of(r.indices) if callable(sources_of) else None)
-                     for r in retrieval)
+                                     sources_of(r.indices) if callable(sources_of) else None, kp)
+                     for r, kp in zip(retrieval, knowledge))
 
 
 # --------------------------------------------------------------------------------- heads
@@ -644,16 +974,30 @@ class PlugLMPredictionHeadTransform(nn.Module):
 
 
 class PlugLMLMPredictionHead(nn.Module):
-    """MLM head; the decoder is the word-embedding matrix itself (tied by construction, so
-    no tied-weight bookkeeping that differs between transformers versions), except with
-    compat="published": that checkpoint's decoder is a matrix of its own (``decoder``)."""
+    """MLM head: ``logits = W . transform(h) + bias``. W is the word-embedding matrix itself
+    (tied by construction, so no tied-weight bookkeeping that differs between transformers
+    versions), except with compat="published" (that checkpoint's decoder is a matrix of its
+    own) or ``tie_word_embeddings=False``: then W is ``decoder``, a bias-free Linear(d, V).
+    ``bias`` is the head's only output bias and follows the vocabulary size on a resize."""
 
     def __init__(self, config: PlugLMConfig):
         super().__init__()
         self.transform = PlugLMPredictionHeadTransform(config)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))  # [V]
-        self.decoder = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-                        if "untied_decoder" in config.published_differences else None)
+        if getattr(config, "compat", "paper") == "published":  # its differences decide
+            untied = "untied_decoder" in config.published_differences
+        else:
+            untied = not getattr(config, "tie_word_embeddings", True)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if untied else None
+
+    def fit_bias(self, V: int):
+        """Pad (zeros) or cut ``bias`` to V entries (after a vocabulary resize)."""
+        if self.bias.shape[0] != V:
+            with torch.no_grad():
+                new = self.bias.new_zeros(V)
+                n = min(V, self.bias.shape[0])
+                new[:n] = self.bias[:n]
+            self.bias = nn.Parameter(new, requires_grad=self.bias.requires_grad)
 
     def forward(self, h, decoder_weight):
         w = decoder_weight if self.decoder is None else self.decoder.weight  # [V, d]
@@ -691,8 +1035,31 @@ class PlugLMForMaskedLM(PlugLMPreTrainedModel):
     def get_input_embeddings(self):
         return self.bert.embeddings.word_embeddings
 
+    def get_output_embeddings(self):
+        """The untied decoder (compat="published", tie_word_embeddings=False); None when the
+        decoder is the word-embedding matrix itself (resized with it)."""
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        if self.cls.predictions.decoder is None:
+            raise ValueError("this model's MLM decoder is the word-embedding matrix itself: "
+                             "use set_input_embeddings")
+        if getattr(new_embeddings, "bias", None) is not None:
+            raise ValueError("the MLM decoder has no bias of its own (cls.predictions.bias is "
+                             "the head's bias): pass a Linear(hidden_size, V, bias=False)")
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.fit_bias(new_embeddings.weight.shape[0])
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        """transformers' resize, plus the head's output bias (padded with zeros / cut)."""
+        out = super().resize_token_embeddings(*args, **kwargs)
+        head = self.cls.predictions
+        w = head.decoder.weight if head.decoder is not None else self.get_input_embeddings().weight
+        head.fit_bias(w.shape[0])
+        return out
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_hidden_states=None, output_retrieval=False,
+                inputs_embeds=None, labels=None, output_hidden_states=None, output_retrieval=None,
                 return_dict=None, memory=None, output_attentions=None):
         return_dict = self._return_dict(return_dict)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
@@ -704,7 +1071,7 @@ class PlugLMForMaskedLM(PlugLMPreTrainedModel):
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(),
                                    labels.to(logits.device).view(-1), ignore_index=-100)
         return _pack(return_dict, PlugLMMaskedLMOutput, loss, out.retrieval, logits=logits,
-                     hidden_states=out.hidden_states)
+                     hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 class PlugLMForSequenceClassification(PlugLMPreTrainedModel):
@@ -721,7 +1088,7 @@ class PlugLMForSequenceClassification(PlugLMPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_hidden_states=None, output_retrieval=False,
+                inputs_embeds=None, labels=None, output_hidden_states=None, output_retrieval=None,
                 return_dict=None, memory=None, output_attentions=None):
         return_dict = self._return_dict(return_dict)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
@@ -745,7 +1112,7 @@ class PlugLMForSequenceClassification(PlugLMPreTrainedModel):
             else:
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
         return _pack(return_dict, PlugLMSequenceClassifierOutput, loss, out.retrieval,
-                     logits=logits, hidden_states=out.hidden_states)
+                     logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 class PlugLMForQuestionAnswering(PlugLMPreTrainedModel):
@@ -760,7 +1127,7 @@ class PlugLMForQuestionAnswering(PlugLMPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, start_positions=None, end_positions=None,
-                output_hidden_states=None, output_retrieval=False, return_dict=None, memory=None,
+                output_hidden_states=None, output_retrieval=None, return_dict=None, memory=None,
                 output_attentions=None):
         return_dict = self._return_dict(return_dict)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
@@ -775,7 +1142,7 @@ class PlugLMForQuestionAnswering(PlugLMPreTrainedModel):
             loss = (F.cross_entropy(start.float(), sp, ignore_index=T)
                     + F.cross_entropy(end.float(), ep, ignore_index=T)) / 2
         return _pack(return_dict, PlugLMQuestionAnsweringOutput, loss, out.retrieval,
-                     start_logits=start, end_logits=end, hidden_states=out.hidden_states)
+                     start_logits=start, end_logits=end, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 class PlugLMForTokenClassification(PlugLMPreTrainedModel):
@@ -791,7 +1158,7 @@ class PlugLMForTokenClassification(PlugLMPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_hidden_states=None, output_retrieval=False,
+                inputs_embeds=None, labels=None, output_hidden_states=None, output_retrieval=None,
                 return_dict=None, memory=None, output_attentions=None):
         return_dict = self._return_dict(return_dict)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
@@ -802,7 +1169,7 @@ class PlugLMForTokenClassification(PlugLMPreTrainedModel):
             loss = F.cross_entropy(logits.view(-1, self.num_labels).float(),
                                    labels.to(logits.device).view(-1), ignore_index=-100)
         return _pack(return_dict, PlugLMTokenClassifierOutput, loss, out.retrieval,
-                     logits=logits, hidden_states=out.hidden_states)
+                     logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 def register_auto_classes() -> None:

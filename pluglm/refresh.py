@@ -37,7 +37,9 @@ Semantics
     waits for the refresh. Every tensor the refresh stream reads (weight copy,
     snapshot tables) is kept referenced until that event completes, and the shadow tables
     are ``record_stream``-ed on the training stream before the swap reads them, so the
-    caching allocator never hands their memory out early.
+    caching allocator never hands their memory out early. Memory on another GPU than the
+    encoder: the shadow-table work there runs on a stream of that GPU which waits for the
+    memory GPU's current stream at the start and which the final event waits for.
   * CPU: a background thread. Torch ops release the GIL, so training progresses. The thread
     runs with ``num_threads`` intra-op threads (default ``max(1, torch.get_num_threads() //
     4)``: on a machine whose cores training already uses, more only oversubscribes them;
@@ -99,6 +101,10 @@ __all__ = ["AsyncKeyRefresher"]
 _PRIORITIES = {"low": 0, "normal": 0, "high": -1}
 
 
+def _cuda_index(dev: torch.device) -> int:
+    return dev.index if dev.index is not None else torch.cuda.current_device()
+
+
 def _module_device(model) -> torch.device:
     return encoder_device(model) or torch.device("cpu")
 
@@ -147,6 +153,10 @@ class _Job:
         self.error: BaseException | None = None
         self.stream = None                    # CUDA: the refresh stream
         self.ready_event = None               # CUDA: after the weight copy, on the training stream
+        # CUDA memory on another GPU than the encoder: the shadow-table work runs on this
+        # stream of the memory's GPU (the done event waits for it), after mem_ready_event
+        self.mem_stream = None
+        self.mem_ready_event = None
         self.done_event = None                # CUDA: after the last chunk, on the refresh stream
         self.t_start = time.perf_counter()
         self.t_end: float | None = None
@@ -155,6 +165,13 @@ class _Job:
     def release(self):
         self.snapshot = self.encoder = self.keys = self.values = self.error = None
         self.stream = self.ready_event = self.done_event = None
+        self.mem_stream = self.mem_ready_event = None
+
+    def synchronize(self):
+        # chunks still queued read tensors the caller is about to free
+        for st in (self.stream, self.mem_stream):
+            if st is not None:
+                st.synchronize()
 
 
 def _encode_all(job: _Job) -> None:
@@ -207,7 +224,26 @@ def _worker(job: _Job, num_threads: int | None, nice: int, restore_threads: int)
         if job.stream is not None:
             with torch.cuda.device(job.device), torch.cuda.stream(job.stream), torch.no_grad():
                 job.stream.wait_event(job.ready_event)
-                _encode_all(job)
+                prev_mem_stream = None
+                if job.mem_stream is not None:
+                    # The memory's GPU runs this thread's shadow-table work (allocation,
+                    # index_copy_, the snapshot reads) on its current stream: make that
+                    # mem_stream. Current streams are per device and per thread, and setting
+                    # one inside a device guard leaves the current device as it was.
+                    with torch.cuda.device(job.mem_stream.device):
+                        prev_mem_stream = torch.cuda.current_stream()
+                        torch.cuda.set_stream(job.mem_stream)
+                    job.mem_stream.wait_event(job.mem_ready_event)
+                try:
+                    _encode_all(job)
+                    if job.mem_stream is not None:  # the done event covers both GPUs' work
+                        mem_done = torch.cuda.Event()
+                        mem_done.record(job.mem_stream)
+                        job.stream.wait_event(mem_done)
+                finally:
+                    if prev_mem_stream is not None:
+                        with torch.cuda.device(prev_mem_stream.device):
+                            torch.cuda.set_stream(prev_mem_stream)
                 ev = torch.cuda.Event(enable_timing=True)
                 ev.record(job.stream)
                 job.done_event = ev
@@ -286,6 +322,7 @@ class AsyncKeyRefresher:
         self.num_threads = num_threads
         self._encoder_snapshot = encoder_snapshot
         self._stream = None  # CUDA refresh stream, created once and reused
+        self._mem_stream = None  # CUDA stream on the memory's GPU when it is not the encoder's
         self._job: _Job | None = None
         self._closed = False
         self.steps = 0
@@ -359,8 +396,7 @@ class AsyncKeyRefresher:
             return False
         job.cancel.set()
         job.thread.join()
-        if job.stream is not None:
-            job.stream.synchronize()  # chunks still queued read tensors we are about to free
+        job.synchronize()  # chunks still queued read tensors we are about to free
         if job.error is not None:
             self.last_error = job.error
         self._job = None
@@ -438,6 +474,19 @@ class AsyncKeyRefresher:
             job.stream = self._stream
             job.ready_event = torch.cuda.Event(enable_timing=True)
             job.ready_event.record(torch.cuda.current_stream(dev))  # after the weight copy
+            mem_dev = snap.device
+            if mem_dev.type == "cuda" and _cuda_index(mem_dev) != _cuda_index(dev):
+                # Memory on another GPU: its current stream is neither the refresh stream
+                # nor covered by the done event, so the shadow-table work gets a stream of
+                # its own there, which the done event waits for (issue 13).
+                if self._mem_stream is None or self._mem_stream.device != torch.device(
+                        "cuda", _cuda_index(mem_dev)):
+                    prio = _PRIORITIES[self.priority] if isinstance(self.priority, str) \
+                        else self.priority
+                    self._mem_stream = torch.cuda.Stream(device=mem_dev, priority=prio)
+                job.mem_stream = self._mem_stream
+                job.mem_ready_event = torch.cuda.Event()
+                job.mem_ready_event.record(torch.cuda.current_stream(mem_dev))
         nice = 10 if self.priority == "low" else 0
         threads = self.num_threads if self.num_threads is not None else \
             max(1, torch.get_num_threads() // 4)
@@ -457,8 +506,7 @@ class AsyncKeyRefresher:
         if job.error is not None:
             err = job.error
             self._job = None
-            if job.stream is not None:
-                job.stream.synchronize()  # queued chunks still read the tensors released here
+            job.synchronize()  # queued chunks still read the tensors released here
             job.release()
             self.last_error = err
             if hasattr(err, "add_note"):

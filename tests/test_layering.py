@@ -26,7 +26,7 @@ LAYERS = (
     ("search", ("pluglm.index", "pluglm.distributed")),
     ("memory", ("pluglm.memory", "pluglm.sharded_memory", "pluglm.encoders", "pluglm.safe_save")),
     ("model", ("pluglm.configuration_pluglm", "pluglm.modeling_pluglm", "pluglm.integrations",
-               "pluglm.refresh", "pluglm.auto", "pluglm.convert")),
+               "pluglm.refresh", "pluglm.auto", "pluglm.convert", "pluglm.training")),
     ("apps", ("pluglm.bench", "pluglm.cli")),
     ("facade", ("pluglm",)),  # the package root (this module only): lazy re-exports
 )

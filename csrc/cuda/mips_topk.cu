@@ -187,8 +187,12 @@ __device__ __forceinline__ void store_chunk(const KeyRegs<KT>& regs, CT* ks) {
   }
 }
 
+// At least 2 resident blocks per SM: the register cap is then 128, which every variant
+// fits without spills (ptxas -v, sm_90, CUDA 13.0), and shared memory allows no more than
+// 2 blocks of the largest variants anyway. With no minimum, ptxas capped registers near
+// 80 and spilled up to 348 B per thread (benchmarks/NOTES.md, issue 13).
 template <class KT, class QT_, class CT, int NQF>
-__global__ void __launch_bounds__(kThreads) mips_stage1_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 2) mips_stage1_kernel(Params p) {
   using L = Layout<CT>;
   constexpr int QT = 16 * NQF;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -234,9 +238,18 @@ __global__ void __launch_bounds__(kThreads) mips_stage1_kernel(Params p) {
   const bool vec_ok = p.vec_ok;
   if (nsteps > 0) load_chunk<KT>(kg, dim, vec_ok, row_lo, row_hi, 0, reg);
 
+  // (tile, chunk) of a step are counted, not divided out of it: a 64-bit division is a
+  // called subroutine on the GPU (two CALLs per step in the SASS, registers saved around
+  // each).
+  int64_t tile = 0;
+  int c = 0;
   for (int64_t step = 0; step < nsteps; ++step) {
-    const int64_t tile = step / nchunks;
-    const int c = int(step % nchunks);
+    int next_c = c + 1;
+    int64_t next_tile = tile;
+    if (next_c == nchunks) {
+      next_c = 0;
+      ++next_tile;
+    }
     const int64_t tile_row0 = row_lo + tile * kTN;
     const int64_t d0 = int64_t(c) * kDK;
     __syncthreads();  // the previous chunk's readers are done with ks / qs
@@ -249,9 +262,8 @@ __global__ void __launch_bounds__(kThreads) mips_stage1_kernel(Params p) {
     }
     __syncthreads();
     if (step + 1 < nsteps) {  // next chunk in flight while this one is multiplied
-      const int64_t nt = (step + 1) / nchunks;
-      load_chunk<KT>(kg, dim, vec_ok, row_lo + nt * kTN, row_hi,
-                     int64_t((step + 1) % nchunks) * kDK, reg);
+      load_chunk<KT>(kg, dim, vec_ok, row_lo + next_tile * kTN, row_hi, int64_t(next_c) * kDK,
+                     reg);
     }
 
     if constexpr (L::kTensorCore) {
@@ -332,7 +344,10 @@ __global__ void __launch_bounds__(kThreads) mips_stage1_kernel(Params p) {
           if (ok) {
             float s = ss[qi * L::kLds + n];
             if (p.scales != nullptr) s *= p.scales[row];
-            packed = mips_pack(s, row);
+            // NaN (a NaN key row or scale) packs above +inf (sign bit clear): never a
+            // candidate, as on the CPU kernel and the reference. Tested after the scale.
+            if (s != s) ok = false;
+            else packed = mips_pack(s, row);
           }
           bool take = ok && packed > thr;
           unsigned ballot = __ballot_sync(0xffffffffu, take);
@@ -353,6 +368,8 @@ __global__ void __launch_bounds__(kThreads) mips_stage1_kernel(Params p) {
         }
       }
     }
+    c = next_c;
+    tile = next_tile;
   }
 
   __syncthreads();
@@ -471,8 +488,11 @@ std::tuple<at::Tensor, at::Tensor> mips_topk_cuda(const at::Tensor& queries,
   TORCH_CHECK(k >= 1 && k <= pluglm::kMaxK && k <= M, "mips_topk: k must be in [1, min(",
               pluglm::kMaxK, ", M=", M, ")], got ", k);
   TORCH_CHECK(M <= kMipsMaxRows, "mips_topk: keys has ", M, " rows; at most ", kMipsMaxRows);
-  TORCH_CHECK(keys.stride(1) == 1 && keys.stride(0) == d,
-              "mips_topk: keys must be contiguous row-major [M, d]");
+  // torch's rule, as the Python wrapper and the CPU kernel apply it: a dimension of size 1
+  // may have any stride (an [1, d] row view of a wider table is contiguous). The kernel
+  // only forms row * d + col, so a stride that is never stepped over is never read.
+  TORCH_CHECK(keys.is_contiguous(), "mips_topk: keys must be contiguous row-major [M, d], got strides ",
+              keys.strides());
   const auto kdt = keys.scalar_type(), qdt = queries.scalar_type();
   TORCH_CHECK(kdt == at::kFloat || kdt == at::kHalf || kdt == at::kBFloat16 || kdt == at::kChar,
               "mips_topk: keys must be float32, float16, bfloat16 or int8, got ", kdt);

@@ -16,10 +16,18 @@ def add_parser(sub) -> None:
     s.add_argument("--large", action="store_true",
                    help="memories of 1e6..2e7 entries on the CPU: built on disk, mapped, searched")
     s.add_argument("--max-m", type=int, default=None, help="with --large: largest M (entries)")
+    s.add_argument("--quality", action="store_true",
+                   help="train a small PlugLM and measure that it reads, updates and swaps its "
+                        "knowledge (writes quality.json/.md and plots; --quick: CI size)")
+    s.add_argument("--seed", type=int, default=0, help="--quality: seed of the knowledge base and first run")
     s.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
+    if args.quality:  # the trained-model experiment, not the latency sweep
+        from ..bench.quality import main as quality_main
+
+        return quality_main(args)
     import torch
     from rich.console import Console
 

@@ -32,6 +32,12 @@ def as_ids(name: str, ids, M: int, device=None) -> torch.Tensor:
             else:
                 raise TypeError(f"{name} must be integer entry ids, got {t.dtype}")
     t = t.to(dtype=torch.int64, device=device if device is not None else t.device)
+    if torch.compiler.is_compiling():
+        # torch.compile / torch.export: the host check below is a data-dependent guard (a
+        # graph break, or an export error); check inside the graph instead, no host sync
+        if t.numel():
+            torch._assert_async(((t >= 0) & (t < M)).all(), f"{name} must be entry ids in [0, {M})")
+        return t
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= M):
         raise ValueError(f"{name} must be entry ids in [0, {M}), got values in "
                          f"[{int(t.min())}, {int(t.max())}]")

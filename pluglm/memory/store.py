@@ -237,6 +237,33 @@ class KnowledgeMemory:
                           version=s.version)
         return KnowledgeMemory(snap, self._tokenizer)
 
+    # ------------------------------------------------------------------------ copying
+
+    def __copy__(self) -> "KnowledgeMemory":
+        """``copy.copy``: a new memory over the same current snapshot. The tables are shared
+        (no copy: every mutation of either memory writes a new snapshot, so neither sees the
+        other's later edits); the tokenizer is shared; the copy gets its own lock and an
+        empty faiss-index cache (built again at its first faiss search)."""
+        return self._copy_with(self._snap, self._tokenizer, {})
+
+    def __deepcopy__(self, memo) -> "KnowledgeMemory":
+        """``copy.deepcopy``: a fully independent memory. Every table is copied (so even
+        writes into the exposed tensors do not reach the copy), the tokenizer is deep-copied;
+        own lock, empty faiss-index cache, same version and search setting."""
+        import copy
+
+        return self._copy_with(copy.deepcopy(self._snap, memo),
+                               copy.deepcopy(self._tokenizer, memo), memo)
+
+    def _copy_with(self, snapshot: MemorySnapshot, tokenizer, memo) -> "KnowledgeMemory":
+        import copy
+
+        new = type(self)(snapshot, tokenizer)  # fresh lock and index cache
+        memo[id(self)] = new
+        new._next_rev = self._next_rev
+        new._search_config = copy.deepcopy(self._search_config, memo)
+        return new
+
     # ------------------------------------------------------------------ properties
 
     def snapshot(self) -> MemorySnapshot:

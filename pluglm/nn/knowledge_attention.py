@@ -14,6 +14,9 @@ memory entries, with a per-head additive bias ``beta_h * c_j`` where ``c_j = cos
   impossible, so (only then) a ``W_O = Linear(dv, d)`` maps the mixed value to d.
   The result is a broadcast view [B, T, d] of one [B, 1, d] row per sequence.
 
+``attention_probs(hidden, values, bias)`` (and ``attention_probs_gathered`` for the table
+path) returns the probabilities [B, T, H, N] themselves, for ``output_attentions``.
+
 ``head_major_output=True`` reproduces the published code's layout slip (its checkpoint was
 trained with it): the per-head output, head-major ``[B, H, T, Dh]``, is read as ``[B, T, d]``
 by a plain reshape, so the row W_O sees for token t holds pieces of neighbouring tokens'
@@ -173,6 +176,49 @@ class KnowledgeAttention(nn.Module):
         if self.out_proj is not None:
             mixed = self.out_proj(mixed.to(self.out_proj.weight.dtype))
         return mixed.to(hidden.dtype).expand(B, T, self.hidden_size)
+
+    # ------------------------------------------------------------ attention weights
+
+    def attention_probs(self, hidden: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
+                        ) -> torch.Tensor:
+        """The knowledge-attention probabilities ``forward`` mixes with: [B, T, H, N] float32.
+
+        hidden: [B, T, d]; values: [B, N, dv]; bias: [B, N]. multi_head: softmax over the N
+        entries of ``q.k_j / sqrt(Dh) + beta_h c_j`` per token and head, before dropout (the
+        fused op draws its dropout mask inside; in eval there is none). sentence_level:
+        ``softmax(c)`` [B, N], the same for every token and head (an expanded view).
+        Differentiable like ``forward``.
+        """
+        if not isinstance(values, torch.Tensor) or values.dim() != 3 or values.shape[2] != self.value_dim:
+            raise ValueError(f"values must have shape [B, N, {self.value_dim}], got "
+                             f"{tuple(getattr(values, 'shape', ()))}")
+        B, T = self._check(hidden, bias, values.shape[1])
+        if self.attention_type == "sentence_level":
+            return self._sentence_probs(bias, T)
+        N, H, Dh = values.shape[1], self.num_heads, self.head_dim
+        k = self.k_proj(values.to(self.k_proj.weight.dtype)).view(B, N, H, Dh)  # [B, N, H, Dh]
+        return self._probs(self._scaled_query(hidden), k, bias)
+
+    def attention_probs_gathered(self, hidden: torch.Tensor, table_k: torch.Tensor,
+                                 indices: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``attention_probs`` of the precomputed-table path: keys ``table_k[indices]``
+        ([M, H, Dh] table, [B, N] indices). Returns [B, T, H, N] float32."""
+        if self.attention_type != "multi_head":
+            raise ValueError("attention_probs_gathered needs attention_type='multi_head'")
+        self._check(hidden, bias, indices.shape[1])
+        return self._probs(self._scaled_query(hidden), table_k[indices.to(table_k.device)], bias)
+
+    def _probs(self, q, k, bias):
+        # float32 like the fused op's accumulation (float64 stays float64)
+        acc = torch.float64 if torch.float64 in (q.dtype, k.dtype, bias.dtype) else torch.float32
+        logits = torch.einsum("bthd,bjhd->bthj", q.to(acc), k.to(device=q.device, dtype=acc))
+        logits = logits + self.beta.to(acc)[None, None, :, None] * bias.to(acc)[:, None, None, :]
+        return torch.softmax(logits, dim=-1)  # [B, T, H, N]
+
+    def _sentence_probs(self, bias, T):
+        w = torch.softmax(bias.to(torch.promote_types(bias.dtype, torch.float32)), dim=-1)  # [B, N]
+        B, N = w.shape
+        return w[:, None, None, :].expand(B, T, self.num_heads, N)
 
     # ------------------------------------------------------------ precomputed-table path
 

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from pluglm_kernels._backends import TRITON_OPS
 from pluglm_kernels._validate import FLOAT_TABLE_DTYPES
+from pluglm_kernels.triton._device import on_tensor_device
 
 _BLOCK_T = 16
 _BLOCK_H = 64
@@ -148,6 +149,10 @@ def _pool_ds_kernel(G, X, ALPHA, DS, T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.co
         a = tl.load(ALPHA + b * T + t, mask=mt, other=0.0)
         gp += a * da
         tl.store(DS + b * T + t, da, mask=mt)
+    # The loop below reads DS back in another register layout than the reduction that
+    # stored it, so an element may be read by a different thread than wrote it: a CTA
+    # barrier orders those global stores before the loads (no-op in the interpreter).
+    tl.debug_barrier()
     gsum = tl.sum(gp, 0)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
@@ -242,6 +247,7 @@ def _check_tables(token_ids, word, pos, type_, position_offset):
     return E, T, word.shape[1]
 
 
+@on_tensor_device
 def embed_layernorm_fwd(token_ids, token_type_ids, word, pos, type_, ln_w, ln_b, eps,
                         position_offset):
     E, T, D = _check_tables(token_ids, word, pos, type_, position_offset)
@@ -263,6 +269,7 @@ def _mask_i8(mask):
     return (mask != 0).to(torch.int8).contiguous()
 
 
+@on_tensor_device
 def attentive_pool_fwd(x, mask, u, w2, b2):
     B, T, D = x.shape
     Hp = u.shape[2]
@@ -283,6 +290,7 @@ def attentive_pool_fwd(x, mask, u, w2, b2):
     return pooled, alpha
 
 
+@on_tensor_device
 def attentive_pool_bwd(grad, x, mask, u, w2, alpha):
     B, T, D = x.shape
     Hp = u.shape[2]
@@ -306,6 +314,7 @@ def attentive_pool_bwd(grad, x, mask, u, w2, alpha):
     return dx, du, dw2_part.sum(0), torch.zeros(1, dtype=torch.float32, device=x.device)
 
 
+@on_tensor_device
 def embed_layernorm_bwd(dh, token_ids, token_type_ids, word, pos, type_, ln_w, mean, rstd,
                         position_offset):
     E, T, D = _check_tables(token_ids, word, pos, type_, position_offset)

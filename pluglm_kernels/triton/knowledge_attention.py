@@ -33,6 +33,7 @@ import triton.language as tl
 
 from pluglm_kernels._backends import TRITON_OPS
 from pluglm_kernels._validate import FLOAT_TABLE_DTYPES
+from pluglm_kernels.triton._device import on_tensor_device
 from pluglm_kernels.reference import dropout_threshold
 
 MAX_N = 256
@@ -352,6 +353,7 @@ def _check(q, k, v, indices, bias, beta, dropout_p):
     return B, T, H, Dh, N
 
 
+@on_tensor_device
 def _fwd(q, k, v, indices, bias, beta, dropout_p, seed):
     B, T, H, Dh, N = _check(q, k, v, indices, bias, beta, dropout_p)
     out = torch.empty_like(q)  # [B, T, H, Dh]
@@ -396,6 +398,7 @@ _BWD_MAX_ROWS = {False: {16: 64, 32: 64, 64: 64, 128: 64},
                  True: {16: 128, 32: 64, 64: 32, 128: 16}}
 
 
+@on_tensor_device
 def _bwd(grad_out, q, k, v, indices, bias, beta, out, lse, dropout_p, seed):
     B, T, H, Dh, N = _check(q, k, v, indices, bias, beta, dropout_p)
     if grad_out.shape != q.shape or grad_out.dtype != q.dtype or not grad_out.is_contiguous():

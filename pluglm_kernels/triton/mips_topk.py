@@ -28,6 +28,7 @@ import triton.language as tl
 
 from pluglm_kernels._backends import TRITON_OPS
 from pluglm_kernels._validate import MAX_K
+from pluglm_kernels.triton._device import on_tensor_device
 
 TRITON_OPS.add("mips_topk")
 
@@ -139,7 +140,10 @@ def _mips_stage1(Q, K, SCALES, VALID, CAND, B, M, D, rows_per_split, k,
         keep = n_mask
         if HAS_VALID:
             keep = keep & (tl.load(VALID + offs_n, mask=n_mask, other=0) != 0)
-        packed = tl.where(keep[None, :], _pack(s, offs_n[None, :]), SENT)  # [BQ, BLOCK_N]
+        # A NaN score (a NaN key row, or a NaN scale) is the canonical NaN, sign bit clear,
+        # which _pack would map above +inf: exclude it here, after the scale, as the CPU
+        # kernel and the reference do.
+        packed = tl.where(keep[None, :] & (s == s), _pack(s, offs_n[None, :]), SENT)  # [BQ, BLOCK_N]
         beats = (packed > kth[:, None]).to(tl.int32)
         if tl.max(tl.max(beats, axis=1), axis=0) > 0:
             best = _merge(best, packed, BQ, BLOCK_N, K_PAD)
@@ -166,13 +170,18 @@ def _unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scores.contiguous(), idx.contiguous()
 
 
-def _config(B: int, M: int, d: int, k: int, elem: int, device: torch.device):
+def _config(B: int, M: int, d: int, k: int, dot_f32: bool, widen: bool, device: torch.device):
     K_PAD = max(16, _next_pow2(k))
     # rows kept per program: bounds the register buffer to BQ * K_PAD <= 4096 packed values
     BQ = max(1, min(64, 4096 // K_PAD, _next_pow2(B)))
     BQ_DOT = max(16, BQ)
     BLOCK_N = 64 if K_PAD <= 64 else 128
-    BLOCK_D = max(16, min(_next_pow2(d), 128 if elem <= 2 else 64))
+    # The dot's operand width sets the chunk of d, not the keys' storage. f16/bf16/int8 keys
+    # widened for an f32 dot are loaded into registers and converted, and with 128-wide
+    # chunks and the default 3-stage pipeline that spilled 8.8-15 KB per thread under
+    # triton 3.6 (BQ >= 32); 32-wide chunks, unpipelined, spill 0-20 B (benchmarks/NOTES.md,
+    # issue 13). f32 keys feed the f32 dot directly: 64-wide chunks, pipelined, no spills.
+    BLOCK_D = max(16, min(_next_pow2(d), (32 if widen else 64) if dot_f32 else 128))
     n_qt = triton.cdiv(B, BQ)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -188,6 +197,7 @@ def _config(B: int, M: int, d: int, k: int, elem: int, device: torch.device):
                 ONE_D_TILE=d <= BLOCK_D), splits, rows_per_split
 
 
+@on_tensor_device
 def mips_topk_triton(queries: torch.Tensor, keys: torch.Tensor, k: int,
                      key_scales: torch.Tensor | None = None,
                      valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,9 +223,6 @@ def mips_topk_triton(queries: torch.Tensor, keys: torch.Tensor, k: int,
         dot_f32 = q.dtype == torch.float32 or kk.dtype == torch.float32
         if not dot_f32 and q.dtype != kk.dtype:
             raise TypeError(f"queries {q.dtype} must be float32 or the keys' dtype {kk.dtype}")
-    meta, splits, rows_per_split = _config(B, M, d, k, kk.element_size(), q.device)
-    K_PAD = meta["K_PAD"]
-    cand = torch.empty((B, splits, K_PAD), dtype=torch.int64, device=q.device)
     scales = key_scales.contiguous() if is_int8 else q  # dummy pointer when unused
     vmask = valid.contiguous().view(torch.uint8) if valid is not None else q
     bits = q.device.type == "cpu"  # only the interpreter runs on CPU tensors
@@ -223,14 +230,20 @@ def mips_topk_triton(queries: torch.Tensor, keys: torch.Tensor, k: int,
     k_bits = bits and kk.dtype == torch.bfloat16
     if q_bits or k_bits:
         dot_f32 = True  # exact: bf16 products fit in f32, as on the tensor cores
+    widen = dot_f32 and kk.dtype != torch.float32  # keys converted for an f32 dot
+    meta, splits, rows_per_split = _config(B, M, d, k, dot_f32, widen, q.device)
+    K_PAD = meta["K_PAD"]
+    cand = torch.empty((B, splits, K_PAD), dtype=torch.int64, device=q.device)
     qk = q.view(torch.int16) if q_bits else q
     kk = kk.view(torch.int16) if k_bits else kk
     grid = (triton.cdiv(B, meta["BQ"]), splits)
     num_warps = 8 if meta["BQ"] * K_PAD >= 2048 or meta["BQ_DOT"] * meta["BLOCK_N"] >= 4096 else 4
+    if widen and meta["BQ"] >= 32 and meta["BQ"] * K_PAD >= 4096:
+        num_warps = 16  # widened keys, BQ=32 x K_PAD=128: 8 warps spilled 20 B, 16 none
     _mips_stage1[grid](qk, kk, scales, vmask, cand, B, M, d, rows_per_split, k,
                        IS_INT8=is_int8, HAS_VALID=valid is not None, DOT_F32=dot_f32,
                        Q_BF16_BITS=q_bits, K_BF16_BITS=k_bits,
-                       num_warps=num_warps, **meta)
+                       num_warps=num_warps, **meta, **({"num_stages": 1} if widen else {}))
     flat = cand.view(B, splits * K_PAD)  # [B, splits * K_PAD]
     if splits * K_PAD == k:
         top = flat

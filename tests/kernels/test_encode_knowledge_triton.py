@@ -124,3 +124,51 @@ def test_triton_embed_layernorm_forward_statistics(fresh_seed):
     assert rel_err(rstd.cpu(), (x.var(-1, unbiased=False) + 1e-5).rsqrt().cpu()) < 1e-5
     want = torch.nn.functional.layer_norm(x, (D,), lw.double(), lb.double(), 1e-5)
     assert rel_err(h.cpu(), want.cpu()) < 1e-6
+
+
+_TTIR_SCRIPT = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)  # before triton: compile, do not interpret
+sys.path.insert(0, sys.argv[1])
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    if "nvidia" not in triton.backends.backends:
+        raise ImportError("triton has no CUDA backend")
+except Exception as e:
+    print("SKIP", e)
+    sys.exit(77)
+from pluglm_kernels.triton import encode_knowledge as TE
+sig = {"G": "*fp32", "X": "*fp32", "ALPHA": "*fp32", "DS": "*fp32", "T": "i32", "D": "i32",
+       "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
+src = ASTSource(TE._pool_ds_kernel, sig, {(6,): 16, (7,): 128}, {})
+ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+print(ck.asm["ttir"])
+"""
+
+
+def test_pool_ds_kernel_orders_its_store_before_the_read_back(tmp_path):
+    """_pool_ds_kernel stores g.x_t to DS, then reads DS back in another layout: a GPU
+    compile must put a CTA barrier between (the interpreter runs sequentially and cannot
+    show the race). Compiled to TTIR for sm_90 in a subprocess (no GPU needed)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _TTIR_SCRIPT, str(root)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    stores = [i for i, ln in enumerate(lines) if "tt.store" in ln]
+    loads = [i for i, ln in enumerate(lines) if "tt.load" in ln]
+    barriers = [i for i, ln in enumerate(lines) if "barrier" in ln and "=" not in ln.split("barrier")[0]]
+    assert stores and loads
+    assert any(stores[0] < b < loads[-1] for b in barriers), \
+        "no barrier between the store of DS and its read-back:\n" + proc.stdout[-4000:]

@@ -316,3 +316,41 @@ def test_public_wrapper_cpu_backend(dtype):
         pk.mips_topk(q, keys, int(valid.sum()) + 1, key_scales=scales, valid=valid, backend="cpu")
     with pytest.raises(ValueError, match="finite"):
         pk.mips_topk(torch.full_like(q, float("inf")), keys, 2, key_scales=scales, backend="cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+def test_one_row_key_view_with_odd_row_stride_every_cpu_backend(dtype):
+    # One stride rule in every backend (torch's is_contiguous: a size-1 dim's stride is
+    # free), so an [1, d] row view of a wider table is accepted everywhere (issue 13 #3).
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    q, table, scales = _make(3, 31, 5, dtype, gen=gen)
+    keys = table[3:4, :19]
+    q = q[:, :19].contiguous()
+    sc = None if scales is None else scales[3:4].contiguous()
+    assert keys.is_contiguous() and keys.stride(0) != 19
+    want = (q.double() @ R.dequantize_keys(keys, sc, torch.float64).T).float()
+    backends = ["cpu", "reference"]
+    if _backends.availability("mips_topk", "triton", "cpu")[0]:
+        backends.append("triton")
+    for backend in backends:
+        s, i = pk.mips_topk(q, keys, 1, key_scales=sc, backend=backend)
+        assert i.tolist() == [[0]] * 3, backend
+        torch.testing.assert_close(s, want, rtol=1e-4, atol=1e-4, msg=backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+def test_nan_key_rows_are_never_returned(dtype):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    q, keys, scales = _make(4, 24, 150, dtype, gen=gen)
+    bad = torch.randperm(150, generator=gen)[:11]
+    if scales is not None:
+        scales = scales.clone()
+        scales[bad] = float("nan")
+    else:
+        keys = keys.clone()
+        keys[bad, 3] = float("nan")
+    s, i = _op(q, keys, 6, scales, None)
+    assert not bool(torch.isin(i, bad).any())
+    ref_s, ref_i = R.mips_topk(q.double(), keys, 6, scales, None)
+    assert bool(torch.isfinite(s).all())
+    torch.testing.assert_close(s, ref_s, rtol=1e-3, atol=1e-3)

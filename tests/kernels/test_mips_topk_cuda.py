@@ -166,3 +166,47 @@ def test_m_times_d_above_2_31(backend):
     q = q.abs()
     s, i = pluglm_kernels.mips_topk(q, keys, 3, key_scales=scales, backend=backend)
     assert i[:, :2].tolist() == [planted, planted]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kdt", list(KDTYPES))
+def test_nan_key_rows_are_never_returned(backend, kdt):
+    # A NaN score is the canonical NaN (sign bit clear), which the sortable packing maps
+    # above +inf: before the fix both GPU kernels returned NaN rows first.
+    _need(backend)
+    B, M, d, k = 9, 20_011, 128, 16
+    q, keys, scales = make_inputs(B, M, d, kdt, seed=int(torch.randint(0, 2**31, ())))
+    bad = torch.randperm(M, device="cuda")[:37]
+    if kdt == "int8":
+        scales = scales.clone()
+        scales[bad] = float("nan")
+    else:
+        keys = keys.clone()
+        keys[bad, 5] = float("nan")
+    s, i = pluglm_kernels.mips_topk(q, keys, k, key_scales=scales, backend=backend)
+    assert not bool(torch.isin(i, bad).any()), "a NaN key row was returned"
+    assert bool(torch.isfinite(s).all())
+    valid = torch.ones(M, dtype=torch.bool, device="cuda")
+    valid[bad] = False
+    if kdt == "int8":
+        scales = scales.masked_fill(~valid, 0.0)
+    else:
+        keys = keys.masked_fill(~valid[:, None], 0)
+    oracle_check(s, i, q, keys, k, scales, valid)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kdt", ["f32", "bf16", "int8"])
+def test_one_row_key_view_with_odd_row_stride(backend, kdt):
+    # torch (and the Python wrapper) call an [1, d] view contiguous whatever its stride(0);
+    # the CUDA kernel used to refuse it (stride(0) == d).
+    _need(backend)
+    q, table, scales = make_inputs(3, 6, 131, kdt, seed=int(torch.randint(0, 2**31, ())))
+    keys = table[4:5, :77]
+    q = q[:, :77].contiguous()
+    sc = None if scales is None else scales[4:5].contiguous()
+    assert keys.is_contiguous() and keys.stride(0) != 77
+    s, i = pluglm_kernels.mips_topk(q, keys, 1, key_scales=sc, backend=backend)
+    assert i.tolist() == [[0]] * 3
+    want = (q.double() @ reference.dequantize_keys(keys, sc, torch.float64).T).float()
+    torch.testing.assert_close(s, want, rtol=1e-4, atol=1e-4)

@@ -158,3 +158,49 @@ def test_public_op_dispatches_to_triton():
     q, keys, _ = make_inputs(2, 120, 24, "f32")
     s, i = pluglm_kernels.mips_topk(q, keys, 6, backend="triton")
     check_topk(s, i, q, keys, 6)
+
+
+def _nan_inputs(kdt, gen):
+    """Keys with NaN rows (in a float dtype: the row itself; int8: its scale), fresh values."""
+    B, M, d, k = 3, 211, 20, 7
+    q, keys, scales = make_inputs(B, M, d, kdt, gen=gen)
+    bad = torch.randperm(M, generator=gen)[:9]
+    if kdt == "int8":
+        scales = scales.clone()
+        scales[bad] = float("nan")
+    else:
+        keys = keys.clone()
+        keys[bad, torch.randint(0, d, (9,), generator=gen)] = float("nan")
+    return q, keys, scales, bad, k
+
+
+@pytest.mark.parametrize("kdt", ["f32", "f16", "bf16", "int8"])
+def test_nan_key_rows_are_never_returned(kdt):
+    # A NaN score packs above +inf (canonical NaN, sign bit clear): it used to come first.
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    q, keys, scales, bad, k = _nan_inputs(kdt, gen)
+    s, i = mips_topk_triton(q, keys, k, scales, None)
+    assert not bool(torch.isin(i, bad).any()), "a NaN key row was returned"
+    assert bool(torch.isfinite(s).all())
+    ok = torch.ones(keys.shape[0], dtype=torch.bool)
+    ok[bad] = False
+    clean_keys = keys.clone()
+    if kdt == "int8":
+        clean_scales = scales.clone()
+        clean_scales[bad] = 0.0
+    else:
+        clean_keys[bad] = 0
+        clean_scales = None
+    check_topk(s, i, q, clean_keys, k, clean_scales, valid=ok)
+
+
+def test_one_row_key_view_with_odd_row_stride():
+    # torch calls a [1, d] view contiguous whatever its stride(0): every backend takes it
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    table = torch.randn(5, 23, generator=gen)
+    keys = table[2:3, :17]  # stride (23, 1)
+    assert keys.is_contiguous() and keys.stride(0) != keys.shape[1]
+    q = torch.randn(2, 17, generator=gen)
+    s, i = mips_topk_triton(q, keys, 1, None, None)
+    assert i.tolist() == [[0], [0]]
+    torch.testing.assert_close(s.double(), q.double() @ keys.double().T, rtol=1e-5, atol=1e-5)
