@@ -811,8 +811,12 @@ class KnowledgeMemory:
             values = None
         finite = finite_rows(keys, keys.shape[0], keys.device) & \
             finite_rows(values, keys.shape[0], keys.device)
-        keys, scales = store_keys(keys.detach().to(s.device),
-                                  layout.key_dtype or table_dtype(keys.dtype))
+        cur = self._snap.keys
+        # an int8 table stays int8 (a refresher hands over float keys) even when int8 came
+        # from encode(key_dtype=) rather than from the layout
+        kdt = layout.key_dtype or (torch.int8 if cur is not None and cur.dtype == torch.int8
+                                   else table_dtype(keys.dtype))
+        keys, scales = store_keys(keys.detach().to(s.device), kdt)
         if values is not None:
             values = values.detach().to(device=s.device,
                                         dtype=layout.value_dtype or table_dtype(values.dtype))

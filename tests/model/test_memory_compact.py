@@ -220,3 +220,12 @@ def test_refresh_of_an_int8_memory_quantises_on_commit(tok):
     q, s = quantize_keys(ref.keys)
     assert (mem.keys.int() - q.int()).abs().max() <= 1  # equal up to float rounding
     torch.testing.assert_close(mem.key_scales, s, rtol=1e-4, atol=1e-7)
+
+
+def test_int8_from_encode_argument_survives_set_keys(tok):
+    mem = KnowledgeMemory.from_texts(texts(12), tok)  # no layout: int8 chosen at encode
+    mem.encode(Enc(len(tok)), key_dtype=torch.int8, progress=False)
+    assert mem.keys.dtype == torch.int8
+    mem.set_keys(torch.randn(len(mem), 8))
+    assert mem.keys.dtype == torch.int8 and mem.key_scales.shape == (len(mem),)
+    assert mem.num_searchable == len(mem)
