@@ -462,6 +462,8 @@ class AsyncKeyRefresher:
         else:
             enc = snapshot_encoder(self.model, self.memory, dev)
         kdt = snap.keys.dtype if snap.keys is not None else None
+        if kdt == torch.int8:  # the shadow holds float keys; set_keys quantises them
+            kdt = torch.float32
         vdt = snap.values.dtype if snap.values is not None else None
         job = _Job(snap, enc, dev, snap.device, self.chunk, kdt, vdt, self.values)
         job.total = int(snap.num_valid)  # known now, so progress reads right from the start

@@ -128,7 +128,9 @@ class ShardedKnowledgeMemory:
         dev = torch.device(device) if device is not None else s.device
         cut = lambda t: None if t is None else t[a:b].to(dev).clone()  # noqa: E731
         local = MemorySnapshot(
-            token_ids=cut(s.token_ids), lengths=cut(s.lengths), keys=cut(s.keys),
+            # a shard searches float keys (sharded_search has no int8 path): int8 dequantised
+            token_ids=cut(s.token_ids), lengths=cut(s.lengths),
+            keys=None if s.keys is None else cut(s.float_keys()),
             values=cut(s.values), valid=cut(s.valid), stale=cut(s.stale), finite=cut(s.finite),
             source_index=s.source_index[a:b].clone(), sources=s.sources, texts=s.texts[a:b],
             rev=torch.arange(b - a, dtype=torch.int64), version=s.version,

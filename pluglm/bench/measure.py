@@ -41,6 +41,11 @@ def _release_free_memory() -> None:
         pass
 
 
+def proc_status_kb(field: str) -> int | None:
+    """A field of /proc/self/status in kB (VmRSS, VmHWM, ...), None where unreadable."""
+    return _proc_kb(field)
+
+
 class PeakMemory:
     """``with PeakMemory(device) as pm: ...`` then ``pm.peak_bytes`` (extra over the start)."""
 

@@ -13,6 +13,9 @@ def add_parser(sub) -> None:
     s.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     s.add_argument("--out", default="bench-out", help="folder for results.json/.md and plots")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--large", action="store_true",
+                   help="memories of 1e6..2e7 entries on the CPU: built on disk, mapped, searched")
+    s.add_argument("--max-m", type=int, default=None, help="with --large: largest M (entries)")
     s.add_argument("--quality", action="store_true",
                    help="train a small PlugLM and measure that it reads, updates and swaps its "
                         "knowledge (writes quality.json/.md and plots; --quick: CI size)")
@@ -31,6 +34,8 @@ def cmd_bench(args) -> int:
     from ..bench import report
     from ..bench.sweep import SweepConfig, run_sweep
 
+    if getattr(args, "large", False):
+        return _cmd_large(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("pluglm bench: error: --device cuda but no CUDA device is available", file=sys.stderr)
@@ -41,5 +46,27 @@ def cmd_bench(args) -> int:
     result = run_sweep(cfg, show_progress=not args.no_progress)
     report.print_table(result, console)
     written = report.write_all(result, Path(args.out))
+    console.print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _cmd_large(args) -> int:
+    from rich.console import Console
+
+    from ..bench import report
+    from ..bench.large import LargeConfig, run_large
+
+    if args.max_m is not None and args.max_m < 1:
+        print(f"pluglm bench: error: --max-m must be a positive number of entries, got "
+              f"{args.max_m}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    cfg = LargeConfig.make(args.max_m, str(out / "memories"))
+    partial = lambda res: report.atomic_write(  # noqa: E731
+        out / "results.partial.json", __import__("json").dumps(res, indent=1).encode())
+    result = run_large(cfg, show_progress=not args.no_progress, log=console.print, partial=partial)
+    report.print_table(result, console)
+    written = report.write_all(result, out)
     console.print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from pluglm_kernels import FLOAT_TABLE_DTYPES
+from pluglm_kernels import FLOAT_TABLE_DTYPES, quantize_keys
 
 from .snapshot import MemorySnapshot
 
@@ -81,4 +81,21 @@ def check_encoded(out, n: int, first: tuple[int, int | None] | None = None, *,
     return k, v
 
 
-__all__ = ["check_encoded", "encoder_device", "length_batches", "table_dtype"]
+def store_keys(keys: torch.Tensor, dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float keys [E, d] in a table's stored form: (keys in ``dtype``, None), or for int8
+    (``pluglm_kernels.quantize_keys``: int8 [E, d], per-row float32 scales [E])."""
+    if dtype == torch.int8:
+        if not keys.dtype.is_floating_point:
+            raise TypeError(f"keys to quantise must be floating point, got {keys.dtype}")
+        # A non-finite row gets a zero key and a NaN scale: the scale keeps the record that
+        # the row is not finite (validate() re-derives finiteness from the tables).
+        bad = ~torch.isfinite(keys).all(dim=1) if keys.shape[1] else None
+        if bad is not None and bool(bad.any()):
+            q, sc = quantize_keys(keys.masked_fill(bad[:, None], 0))
+            return q, sc.masked_fill(bad, float("nan"))
+        return quantize_keys(keys)
+    return keys.to(dtype), None
+
+
+__all__ = ["check_encoded", "encoder_device", "length_batches", "store_keys", "table_dtype"]

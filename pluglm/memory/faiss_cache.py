@@ -55,9 +55,12 @@ def _freeze(params: dict) -> tuple:
 def finite_keys(snap: MemorySnapshot) -> torch.Tensor:
     """The key table with non-finite rows (never searchable) zeroed: indexes refuse NaN/Inf.
     Copies only when such a row exists."""
-    if snap.keys is None or bool(snap.finite.all()):
-        return snap.keys
-    return snap.keys.masked_fill(~snap.finite[:, None], 0)
+    if snap.keys is None:
+        return None
+    keys = snap.float_keys()  # faiss indexes float32: int8 keys dequantised
+    if bool(snap.finite.all()):
+        return keys
+    return keys.masked_fill(~snap.finite[:, None], 0)
 
 
 class FaissIndexCache:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..topk import exact_topk
+from .texts import TextTable
 
 
 def as_ids(name: str, ids, M: int, device=None) -> torch.Tensor:
@@ -61,22 +62,28 @@ class MemorySnapshot:
     __slots__ = ("token_ids", "lengths", "keys", "values", "valid", "stale", "finite",
                  "source_index", "sources", "texts", "rev", "version", "vocab_size",
                  "tokenizer_name", "pad_token_id", "max_length", "searchable", "num_searchable",
-                 "num_valid", "key_rev", "__weakref__")
+                 "num_valid", "key_rev", "key_scales", "layout", "__weakref__")
 
     def __init__(self, *, token_ids, lengths, keys, values, valid, stale, finite, source_index,
                  sources, texts, rev, version, vocab_size, tokenizer_name, pad_token_id, max_length,
-                 key_rev=None):
+                 key_rev=None, key_scales=None, layout=None):
         M = token_ids.shape[0]
         self.token_ids = token_ids            # [M, L] int16/int32
         self.lengths = lengths                # [M] int32
-        self.keys = keys                      # [M, key_dim] or None
+        self.keys = keys                      # [M, key_dim] float or int8, or None
+        # [M] float32 with int8 keys (key i ~= keys[i] * key_scales[i]), else None
+        if (keys is not None and keys.dtype == torch.int8) != (key_scales is not None):
+            raise ValueError("int8 keys need key_scales [M] float32 (and only they)")
+        self.key_scales = key_scales
+        # the table dtypes the memory's owner chose (TableLayout); kept in the file
+        self.layout = layout if layout is not None else TableLayout()
         self.values = values                  # [M, d] or None
         self.valid = valid                    # [M] bool
         self.stale = stale                    # [M] bool
         self.finite = finite                  # [M] bool
         self.source_index = source_index      # [M] int32, CPU
         self.sources = tuple(sources)
-        self.texts = tuple(texts) if not isinstance(texts, tuple) else texts
+        self.texts = TextTable.of(texts)    # M texts, one byte blob + offsets
         self.rev = rev                        # [M] int64, CPU: content revision per row
         # [M] int64, CPU: the version whose commit last wrote each row's key (0 = before any
         # recorded write). Search indexes catch up with `key_rev > version they reflect`.
@@ -101,7 +108,7 @@ class MemorySnapshot:
         fields = {n: getattr(self, n) for n in (
             "token_ids", "lengths", "keys", "values", "valid", "stale", "finite", "source_index",
             "sources", "texts", "rev", "version", "vocab_size", "tokenizer_name", "pad_token_id",
-            "max_length", "key_rev")}
+            "max_length", "key_rev", "key_scales", "layout")}
         fields["version"] = self.version + 1
         fields.update(changes)
         M = fields["token_ids"].shape[0]
@@ -127,6 +134,20 @@ class MemorySnapshot:
     def value_dim(self) -> int | None:
         return None if self.values is None else self.values.shape[1]
 
+    @property
+    def key_dtype(self) -> torch.dtype | None:
+        """The stored key dtype (float32/float16/bfloat16/int8), None before encode."""
+        return None if self.keys is None else self.keys.dtype
+
+    def float_keys(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Keys of rows ``idx`` [...] (default: all) as [..., key_dim]: int8 keys dequantised
+        to float32, float keys as stored."""
+        keys = self.keys if idx is None else self.keys[idx]
+        if self.key_scales is None:
+            return keys
+        scales = self.key_scales if idx is None else self.key_scales[idx]
+        return keys.to(torch.float32) * scales.unsqueeze(-1)
+
     def attention_mask(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
         pos = torch.arange(width, device=lengths.device)
         return (pos < lengths.unsqueeze(-1).to(pos.dtype)).to(torch.long)
@@ -139,7 +160,8 @@ class MemorySnapshot:
         the memory's device; only searchable rows (valid, encoded, not stale, finite)."""
         self.check_search(queries, k)
         return exact_topk(queries, self.keys, k, valid=self.searchable,
-                          num_valid=self.num_searchable, backend=backend)
+                          num_valid=self.num_searchable, key_scales=self.key_scales,
+                          backend=backend)
 
     def check_search(self, queries, k) -> None:
         """The argument checks of ``search`` (shared by every search backend)."""
@@ -172,17 +194,18 @@ class MemorySnapshot:
         """Stored keys of ``ids`` [...]: [..., key_dim]."""
         if self.keys is None:
             raise RuntimeError("memory is not encoded yet: call encode(encoder) first")
-        return self.keys[as_ids("ids", ids, len(self), self.keys.device)]
+        return self.float_keys(as_ids("ids", ids, len(self), self.keys.device))
 
     def fetch(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, N] -> (keys [B, N, key_dim], values [B, N, d]) from the stored tables."""
         if self.keys is None:
             raise RuntimeError("memory is not encoded yet: call encode(encoder) first")
         if self.values is None:
-            raise RuntimeError("this memory stores no values (its encoder returned none): "
-                               "re-encode with an encoder that returns values")
+            raise RuntimeError("this memory stores no values (values on demand, or its encoder "
+                               "returned none): read it through a model, which re-encodes the "
+                               "retrieved entries, or re-encode with store_values=True")
         idx = as_ids("ids", ids, len(self), self.keys.device)
-        return self.keys[idx], self.values[idx]
+        return self.float_keys(idx), self.values[idx]
 
     def token_ids_of(self, ids, *, dtype: torch.dtype = torch.long, trim: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,6 +247,33 @@ class MemorySnapshot:
         return t
 
 
+_KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+_VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """The table dtypes a memory's owner chose (docs/design.md, "Compact tables").
+
+    key_dtype: float32/float16/bfloat16, or int8 (per-row float32 scales, searched by
+    ``mips_topk(key_scales=)``); None = the encoder's float dtype. value_dtype: a float
+    dtype, None = the encoder's. store_values=False: keep no value table (values on demand:
+    a model re-encodes the retrieved entries from their token ids)."""
+
+    key_dtype: torch.dtype | None = None
+    value_dtype: torch.dtype | None = None
+    store_values: bool = True
+
+    def __post_init__(self):
+        if self.key_dtype is not None and self.key_dtype not in _KEY_DTYPES:
+            raise TypeError(f"key_dtype must be one of {_KEY_DTYPES} or None, got {self.key_dtype!r}")
+        if self.value_dtype is not None and self.value_dtype not in _VALUE_DTYPES:
+            raise TypeError(f"value_dtype must be one of {_VALUE_DTYPES} or None, got "
+                            f"{self.value_dtype!r}")
+        if not isinstance(self.store_values, bool):
+            raise TypeError(f"store_values must be a bool, got {self.store_values!r}")
+
+
 @dataclass(frozen=True)
 class ValidationReport:
     """What ``KnowledgeMemory.validate()`` found; every field holds row ids (int64, CPU).
@@ -250,10 +300,11 @@ class ValidationReport:
 
 
 def finite_rows(t: torch.Tensor | None, M: int, device) -> torch.Tensor:
-    """[M] bool: rows of t [M, n] free of NaN/Inf (all True when t is None)."""
-    if t is None:
+    """[M] bool: rows of t [M, n] free of NaN/Inf (all True when t is None or integer; an
+    int8 key table's finiteness is its scales')."""
+    if t is None or not t.dtype.is_floating_point:
         return torch.ones(M, dtype=torch.bool, device=device)
     return torch.isfinite(t).all(dim=1) if t.shape[1] else torch.ones(M, dtype=torch.bool, device=device)
 
 
-__all__ = ["MemorySnapshot", "ValidationReport", "as_ids", "finite_rows"]
+__all__ = ["MemorySnapshot", "TableLayout", "ValidationReport", "as_ids", "finite_rows"]

@@ -66,10 +66,10 @@ from torch import nn
 from pluglm_kernels import FLOAT_TABLE_DTYPES
 
 from ..index import FAISS_KINDS, import_faiss
-from .encode import check_encoded, encoder_device, length_batches, table_dtype
+from .encode import check_encoded, encoder_device, length_batches, store_keys, table_dtype
 from .faiss_cache import FaissIndexCache, check_faiss_options
 from .files import locate, read_snapshot, save_snapshot
-from .snapshot import MemorySnapshot, ValidationReport, as_ids, finite_rows
+from .snapshot import MemorySnapshot, TableLayout, ValidationReport, as_ids, finite_rows
 from .tokenize import (check_sources, check_texts, pack, repad, token_dtype, tokenize,
                        tokenizer_name_of, vocab_size_of)
 
@@ -94,13 +94,19 @@ class KnowledgeMemory:
     @classmethod
     def from_texts(cls, texts: Sequence[str], tokenizer, source: str | Sequence[str] = "wiki",
                    max_length: int = 288, stride: int | None = None, *,
-                   device: str | torch.device = "cpu") -> "KnowledgeMemory":
+                   device: str | torch.device = "cpu", key_dtype: torch.dtype | None = None,
+                   value_dtype: torch.dtype | None = None, store_values: bool = True
+                   ) -> "KnowledgeMemory":
         """Tokenise ``texts`` with any Hugging Face tokenizer (fast or slow) into entries.
 
         A text longer than ``max_length`` tokens (special tokens included) becomes several
         entries, consecutive ones sharing ``stride`` tokens (default 0); each keeps the
         text's source and its own span of the text. ``source`` is one name or one per text.
+        key_dtype / value_dtype / store_values: the memory's table dtypes, kept in its file
+        (:class:`pluglm.memory.snapshot.TableLayout`; int8 keys for large memories,
+        store_values=False for values on demand).
         """
+        layout = TableLayout(key_dtype, value_dtype, store_values)
         texts = check_texts("texts", texts)
         if not texts:
             raise ValueError("texts must contain at least one text")
@@ -123,7 +129,7 @@ class KnowledgeMemory:
             source_index=torch.tensor([pos[sources[o]] for o in chunks.owner], dtype=torch.int32),
             sources=table, texts=tuple(chunks.texts), rev=torch.arange(M, dtype=torch.int64),
             version=0, vocab_size=vocab, tokenizer_name=tokenizer_name_of(tokenizer),
-            pad_token_id=pad, max_length=max_length)
+            pad_token_id=pad, max_length=max_length, layout=layout)
         return cls(snap, tokenizer)
 
     @classmethod
@@ -148,7 +154,7 @@ class KnowledgeMemory:
                 raise ValueError(f"memory {i} was tokenised with vocab size {s.vocab_size}, memory 0 "
                                  f"with {first.vocab_size}: one memory needs one tokenizer")
         encoded = [(i, s) for i, s in enumerate(snaps) if s.keys is not None]
-        keys = values = None
+        keys = values = scales = None
         if encoded:
             i0, s0 = encoded[0]
             kd, kdt = s0.key_dim, s0.keys.dtype
@@ -161,8 +167,9 @@ class KnowledgeMemory:
                 if (s.values is not None) != has_v or (has_v and s.value_dim != dv):
                     raise ValueError(f"memory {i} stores values of width {s.value_dim}, memory {i0} "
                                      f"of width {dv}: re-encode them with one encoder")
-            keys = torch.cat([s.keys.to(dev, kdt) if s.keys is not None
-                              else torch.zeros(len(s), kd, dtype=kdt, device=dev) for s in snaps])
+            keys, scales = store_keys(torch.cat([
+                s.float_keys().to(dev, torch.float32) if s.keys is not None
+                else torch.zeros(len(s), kd, dtype=torch.float32, device=dev) for s in snaps]), kdt)
             if has_v:
                 values = torch.cat([s.values.to(dev, vdt) if s.values is not None
                                     else torch.zeros(len(s), dv, dtype=vdt, device=dev) for s in snaps])
@@ -186,13 +193,13 @@ class KnowledgeMemory:
         M = token_ids.shape[0]
         snap = MemorySnapshot(
             token_ids=token_ids, lengths=torch.cat([s.lengths.to(dev) for s in snaps]),
-            keys=keys, values=values,
+            keys=keys, values=values, key_scales=scales if encoded else None, layout=first.layout,
             valid=torch.cat([s.valid.to(dev) for s in snaps]),
             stale=torch.cat([s.stale.to(dev) if s.keys is not None
                              else torch.ones(len(s), dtype=torch.bool, device=dev) for s in snaps]),
             finite=torch.cat([s.finite.to(dev) for s in snaps]),
             source_index=torch.cat(src_parts).to(torch.int32), sources=table,
-            texts=tuple(t for s in snaps for t in s.texts), rev=torch.arange(M, dtype=torch.int64),
+            texts=_cat_texts([s.texts for s in snaps]), rev=torch.arange(M, dtype=torch.int64),
             version=0, vocab_size=first.vocab_size, tokenizer_name=first.tokenizer_name,
             pad_token_id=pad, max_length=max(s.max_length for s in snaps))
         return cls(snap, mems[0]._tokenizer)
@@ -209,7 +216,25 @@ class KnowledgeMemory:
         mv = lambda t: None if t is None else t.to(dev)  # noqa: E731
         snap = s._replace(token_ids=mv(s.token_ids), lengths=mv(s.lengths), keys=mv(s.keys),
                           values=mv(s.values), valid=mv(s.valid), stale=mv(s.stale),
-                          finite=mv(s.finite), version=s.version)
+                          finite=mv(s.finite), key_scales=mv(s.key_scales), version=s.version)
+        return KnowledgeMemory(snap, self._tokenizer)
+
+    def with_layout(self, key_dtype: torch.dtype | None = None,
+                    value_dtype: torch.dtype | None = None, store_values: bool = True
+                    ) -> "KnowledgeMemory":
+        """A copy of this memory with other table dtypes (see ``from_texts``): keys cast or
+        quantised to ``key_dtype`` (int8 from float keys: per-row scales), values cast to
+        ``value_dtype`` or dropped (store_values=False). Ids, texts and masks are kept."""
+        layout = TableLayout(key_dtype, value_dtype, store_values)
+        s = self.snapshot()
+        keys, scales, values = s.keys, s.key_scales, s.values
+        if keys is not None and key_dtype is not None and key_dtype != keys.dtype:
+            keys, scales = store_keys(s.float_keys(), key_dtype)
+        if values is not None:
+            values = None if not store_values else (
+                values if value_dtype is None else values.to(value_dtype))
+        snap = s._replace(keys=keys, key_scales=scales, values=values, layout=layout,
+                          version=s.version)
         return KnowledgeMemory(snap, self._tokenizer)
 
     # ------------------------------------------------------------------------ copying
@@ -264,8 +289,33 @@ class KnowledgeMemory:
 
     @property
     def values(self) -> torch.Tensor | None:
-        """[M, d] or None."""
+        """[M, d] or None (None with store_values=False: values on demand)."""
         return self._snap.values
+
+    @property
+    def key_scales(self) -> torch.Tensor | None:
+        """[M] float32 per-row scales of int8 keys (key i ~= keys[i] * key_scales[i]), else None."""
+        return self._snap.key_scales
+
+    @property
+    def layout(self) -> TableLayout:
+        """The table dtypes chosen for this memory (key_dtype, value_dtype, store_values)."""
+        return self._snap.layout
+
+    @property
+    def key_dtype(self) -> torch.dtype | None:
+        """The stored key dtype (int8, float32, ...), else the chosen one, None if neither."""
+        s = self._snap
+        return s.keys.dtype if s.keys is not None else s.layout.key_dtype
+
+    @property
+    def value_dtype(self) -> torch.dtype | None:
+        s = self._snap
+        return s.values.dtype if s.values is not None else s.layout.value_dtype
+
+    @property
+    def store_values(self) -> bool:
+        return self._snap.layout.store_values
 
     @property
     def valid(self) -> torch.Tensor:
@@ -515,18 +565,20 @@ class KnowledgeMemory:
             n = len(chunks.ids)
             M = len(s)
             ones = torch.ones(n, dtype=torch.bool, device=dev)
-            keys = values = None
+            keys = values = scales = None
             if s.keys is not None:
                 keys = torch.cat([s.keys, s.keys.new_zeros(n, s.key_dim)])
+            if s.key_scales is not None:
+                scales = torch.cat([s.key_scales, s.key_scales.new_ones(n)])
             if s.values is not None:
                 values = torch.cat([s.values, s.values.new_zeros(n, s.value_dim)])
             self._snap = s._replace(
                 token_ids=torch.cat([old_tok, new_tok]), lengths=torch.cat([s.lengths, new_len]),
-                keys=keys, values=values, valid=torch.cat([s.valid, ones]),
+                keys=keys, values=values, key_scales=scales, valid=torch.cat([s.valid, ones]),
                 stale=torch.cat([s.stale, ones]), finite=torch.cat([s.finite, ones]),
                 source_index=torch.cat([s.source_index, torch.tensor(
                     [pos[sources[o]] for o in chunks.owner], dtype=torch.int32)]),
-                sources=table, texts=s.texts + tuple(chunks.texts),
+                sources=table, texts=s.texts.cat(chunks.texts),
                 rev=torch.cat([s.rev, self._new_revs(n)]),
                 key_rev=torch.cat([s.key_rev, torch.zeros(n, dtype=torch.int64)]))
         return torch.arange(M, M + n, dtype=torch.int64)
@@ -594,9 +646,7 @@ class KnowledgeMemory:
             lengths[idx_d] = new_len
             stale = s.stale.clone()
             stale[idx_d] = True
-            texts_l = list(s.texts)
-            for i, t in zip(idx.tolist(), chunks.texts):
-                texts_l[i] = t
+            texts_new = s.texts.replace(idx.numpy(), chunks.texts)
             table, src = list(s.sources), s.source_index
             if sources is not None:
                 pos = {name: i for i, name in enumerate(table)}
@@ -609,7 +659,7 @@ class KnowledgeMemory:
             rev = s.rev.clone()
             rev[idx] = self._new_revs(idx.numel())
             self._snap = s._replace(token_ids=tok_t, lengths=lengths, stale=stale,
-                                    texts=tuple(texts_l), source_index=src, sources=table, rev=rev)
+                                    texts=texts_new, source_index=src, sources=table, rev=rev)
 
     def remove(self, ids) -> None:
         """Tombstone entries ``ids``: search never returns them again. Removing a removed
@@ -648,10 +698,11 @@ class KnowledgeMemory:
             sel = lambda t: None if t is None else t[keep_d].contiguous()  # noqa: E731
             self._snap = s._replace(
                 token_ids=tok, lengths=lengths, keys=sel(s.keys), values=sel(s.values),
+                key_scales=sel(s.key_scales),
                 valid=s.valid[keep_d], stale=s.stale[keep_d], finite=s.finite[keep_d],
                 source_index=remap[src_old.long()] if src_old.numel() else src_old,
                 sources=[s.sources[i] for i in used],
-                texts=tuple(s.texts[i] for i in kept.tolist()), rev=s.rev[keep],
+                texts=s.texts.take(kept.numpy()), rev=s.rev[keep],
                 key_rev=torch.full((kept.numel(),), s.version + 1, dtype=torch.int64))
         return mapping
 
@@ -668,17 +719,22 @@ class KnowledgeMemory:
         device, ``batch_size`` entries at a time, entries grouped by length so that L is
         each batch's longest entry. ``only_stale=True`` encodes just the stale entries
         (added or updated since the last encode). Keys are stored in ``key_dtype`` (default:
-        the encoder's float dtype; float64 becomes float32). Returns the number of entries
-        whose new keys were committed (an entry updated during the encode stays stale).
+        the memory's layout, else the encoder's float dtype; float64 becomes float32; int8 =
+        quantised per row), values in the layout's value dtype, or not at all with
+        store_values=False. Returns the number of entries whose new keys were committed (an
+        entry updated during the encode stays stale).
         """
         if not callable(getattr(encoder, "encode_memory", None)):
             raise TypeError(f"encoder must have encode_memory(token_ids, attention_mask) -> "
                             f"(keys, values), got {type(encoder).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if key_dtype is not None and key_dtype not in FLOAT_TABLE_DTYPES:
-            raise TypeError(f"key_dtype must be one of {FLOAT_TABLE_DTYPES}, got {key_dtype}")
+        if key_dtype is not None and key_dtype not in FLOAT_TABLE_DTYPES + (torch.int8,):
+            raise TypeError(f"key_dtype must be one of {FLOAT_TABLE_DTYPES + (torch.int8,)}, "
+                            f"got {key_dtype}")
         s = self._snap
+        layout = s.layout
+        key_dtype = key_dtype or layout.key_dtype
         todo = (s.valid & s.stale) if only_stale else s.valid
         rows = todo.nonzero().squeeze(1).cpu()  # [E]
         if rows.numel() == 0:
@@ -689,7 +745,8 @@ class KnowledgeMemory:
             encoder.eval()
         E = rows.numel()
         order = torch.empty(E, dtype=torch.int64)  # entry rows in the order they are encoded
-        keys_out = values_out = None
+        keys_out = values_out = scales_out = None
+        finite_out = torch.ones(E, dtype=torch.bool, device=s.device)
         try:
             from tqdm.auto import tqdm
             bar = tqdm(total=E, desc="encode memory", unit="entry", disable=not progress)
@@ -698,14 +755,23 @@ class KnowledgeMemory:
                 first = None if keys_out is None else (
                     keys_out.shape[1], None if values_out is None else values_out.shape[1])
                 k, v = check_encoded(encoder.encode_memory(tok, mask), n, first)
+                if not layout.store_values:
+                    v = None
                 if keys_out is None:
                     kdt = key_dtype or table_dtype(k.dtype)
                     keys_out = torch.empty(E, k.shape[1], dtype=kdt, device=s.device)
+                    if kdt == torch.int8:
+                        scales_out = torch.empty(E, dtype=torch.float32, device=s.device)
                     if v is not None:
-                        values_out = torch.empty(E, v.shape[1], dtype=table_dtype(v.dtype),
-                                                 device=s.device)
+                        vdt = layout.value_dtype or table_dtype(v.dtype)
+                        values_out = torch.empty(E, v.shape[1], dtype=vdt, device=s.device)
                 order[b0:b0 + n] = r
-                keys_out[b0:b0 + n] = k.detach().to(device=s.device, dtype=keys_out.dtype)
+                k = k.detach().to(s.device)
+                finite_out[b0:b0 + n] = finite_rows(k, n, s.device) & finite_rows(v, n, s.device)
+                kq, sc = store_keys(k, keys_out.dtype)
+                keys_out[b0:b0 + n] = kq
+                if sc is not None:
+                    scales_out[b0:b0 + n] = sc
                 if v is not None:
                     values_out[b0:b0 + n] = v.detach().to(device=s.device, dtype=values_out.dtype)
                 bar.update(n)
@@ -713,7 +779,7 @@ class KnowledgeMemory:
         finally:
             if was_training:
                 encoder.train(True)
-        return self._commit(s, order, keys_out, values_out)
+        return self._commit(s, order, keys_out, values_out, scales=scales_out, finite=finite_out)
 
     def set_keys(self, keys: torch.Tensor, values: torch.Tensor | None = None, *, ids=None,
                  snapshot: MemorySnapshot | None = None, adopt: bool = False) -> int:
@@ -740,17 +806,32 @@ class KnowledgeMemory:
                                    or not values.dtype.is_floating_point):
             raise ValueError(f"values must be a float tensor [{rows.numel()}, d], got "
                              f"{tuple(getattr(values, 'shape', ()))}")
-        keys = keys.detach().to(device=s.device, dtype=table_dtype(keys.dtype))
+        layout = self._snap.layout
+        if not layout.store_values:
+            values = None
+        finite = finite_rows(keys, keys.shape[0], keys.device) & \
+            finite_rows(values, keys.shape[0], keys.device)
+        cur = self._snap.keys
+        # an int8 table stays int8 (a refresher hands over float keys) even when int8 came
+        # from encode(key_dtype=) rather than from the layout
+        kdt = layout.key_dtype or (torch.int8 if cur is not None and cur.dtype == torch.int8
+                                   else table_dtype(keys.dtype))
+        keys, scales = store_keys(keys.detach().to(s.device), kdt)
         if values is not None:
-            values = values.detach().to(device=s.device, dtype=table_dtype(values.dtype))
-        return self._commit(s, rows, keys, values, adopt=adopt)
+            values = values.detach().to(device=s.device,
+                                        dtype=layout.value_dtype or table_dtype(values.dtype))
+        return self._commit(s, rows, keys, values, adopt=adopt, scales=scales, finite=finite)
 
     def _commit(self, base: MemorySnapshot, rows: torch.Tensor, keys: torch.Tensor,
-                values: torch.Tensor | None, adopt: bool = False) -> int:
+                values: torch.Tensor | None, adopt: bool = False, *,
+                scales: torch.Tensor | None = None, finite: torch.Tensor | None = None) -> int:
         """Write keys/values computed from ``base`` rows [E] into the current snapshot, at
-        the rows whose content revision is unchanged (compact-proof: matched by revision)."""
-        finite_new = finite_rows(keys, keys.shape[0], keys.device) & \
-            finite_rows(values, keys.shape[0], keys.device)  # [E]
+        the rows whose content revision is unchanged (compact-proof: matched by revision).
+        keys are in their stored form (int8 ones with ``scales`` [E]); ``finite`` [E]: rows
+        free of NaN/Inf before quantisation (default: computed from keys and values)."""
+        finite_new = finite if finite is not None else (
+            finite_rows(keys, keys.shape[0], keys.device)
+            & finite_rows(values, keys.shape[0], keys.device))  # [E]
         with self._lock:
             s = self._snap
             M = len(s)
@@ -774,11 +855,12 @@ class KnowledgeMemory:
                 key_rev = s.key_rev.clone()
                 key_rev[:] = s.version + 1
                 self._snap = s._replace(
-                    keys=keys, values=values, stale=torch.zeros_like(s.stale),
+                    keys=keys, values=values, key_scales=scales, stale=torch.zeros_like(s.stale),
                     finite=finite_new.to(s.device), key_rev=key_rev)
                 return M
             if same_layout:
                 new_keys = s.keys.clone()
+                new_scales = None if scales is None else s.key_scales.clone()
                 new_values = None if values is None else s.values.clone()
                 stale, finite = s.stale.clone(), s.finite.clone()
                 key_rev = s.key_rev.clone()
@@ -787,17 +869,20 @@ class KnowledgeMemory:
                 # A new width/dtype/values layout: rows this commit does not cover have no key
                 # in it, so they are stale until encoded.
                 new_keys = keys.new_zeros(M, keys.shape[1])
+                new_scales = None if scales is None else scales.new_ones(M)
                 new_values = None if values is None else values.new_zeros(M, values.shape[1])
                 stale = torch.ones(M, dtype=torch.bool, device=s.device)
                 finite = torch.ones(M, dtype=torch.bool, device=s.device)
                 key_rev = torch.full((M,), s.version + 1, dtype=torch.int64)
             new_keys[tgt] = keys[src]
+            if scales is not None:
+                new_scales[tgt] = scales[src]
             if values is not None:
                 new_values[tgt] = values[src]
             stale[tgt] = False
             finite[tgt] = finite_new[src].to(s.device)
-            self._snap = s._replace(keys=new_keys, values=new_values, stale=stale, finite=finite,
-                                    key_rev=key_rev)
+            self._snap = s._replace(keys=new_keys, values=new_values, key_scales=new_scales,
+                                    stale=stale, finite=finite, key_rev=key_rev)
             return int(tgt.numel())
 
     # ------------------------------------------------------------------- sharding
@@ -824,6 +909,8 @@ class KnowledgeMemory:
             s = self._snap
             M = len(s)
             fk = finite_rows(s.keys, M, s.device)
+            if s.key_scales is not None:
+                fk = fk & torch.isfinite(s.key_scales)
             fv = finite_rows(s.values, M, s.device)
             live = s.valid & ~s.stale if s.keys is not None else torch.zeros_like(s.valid)
             if s.keys is not None and not torch.equal(fk & fv, s.finite):
@@ -841,6 +928,19 @@ class KnowledgeMemory:
         save_snapshot(self._snap, path)
 
     @classmethod
+    def build(cls, path: str | os.PathLike, items, *, tokenizer=None, encoder=None,
+              verify: bool = False, **options) -> "KnowledgeMemory":
+        """Build a memory on disk at ``path`` from streamed ``items`` (texts or tensor
+        chunks, never held in memory at once; see :func:`pluglm.memory.build.build_memory`
+        for ``options``) and return it loaded memory-mapped."""
+        from .build import build_memory
+
+        build_memory(path, items, tokenizer=tokenizer, encoder=encoder, **options)
+        mem = cls.load(path, verify=verify)
+        mem._tokenizer = tokenizer
+        return mem
+
+    @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", mmap: bool = True,
              *, verify: bool = True) -> "KnowledgeMemory":
         """Read a memory saved by ``save``.
@@ -852,6 +952,13 @@ class KnowledgeMemory:
         dtypes and the other index ranges are always checked.
         """
         return cls(read_snapshot(locate(path), torch.device(device), mmap, verify))
+
+
+def _cat_texts(tables):
+    out = tables[0]
+    for t in tables[1:]:
+        out = out.cat(t)
+    return out
 
 
 __all__ = ["KnowledgeMemory"]

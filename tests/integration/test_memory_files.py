@@ -1,6 +1,6 @@
 """KnowledgeMemory files: round trips, atomic saves under SIGKILL, corrupted inputs.
 
-A saved memory is a directory (manifest.json, tensors.safetensors, texts.jsonl); see
+A saved memory is a directory (manifest.json, tensors.safetensors, texts.bin); see
 pluglm/memory/files.py and docs/design.md §4. Loading must never execute code and must name
 the bad file.
 """
@@ -88,7 +88,7 @@ def test_round_trip_bit_exact(tok, tmp_path, mmap, key_dtype, values):
     mem = make_memory(tok, key_dtype=key_dtype, values=values)
     mem.save(tmp_path / "mem")
     files = sorted(p.name for p in (tmp_path / "mem").iterdir())
-    assert files == ["manifest.json", "tensors.safetensors", "texts.jsonl"]
+    assert files == ["manifest.json", "tensors.safetensors", "texts.bin"]
     assert [p.name for p in tmp_path.iterdir()] == ["mem"]  # no temp dirs left
     back = KnowledgeMemory.load(tmp_path / "mem", mmap=mmap)
     assert_same(mem, back)
@@ -102,7 +102,7 @@ def test_round_trip_bit_exact(tok, tmp_path, mmap, key_dtype, values):
     assert man["key_dim"] == 6 and man["value_dim"] == (12 if values else None)
     assert man["sources"] == ["wiki", "web", "books", "news"]
     assert man["tokenizer"]["vocab_size"] == len(tok)
-    assert set(man["files"]) == {"tensors.safetensors", "texts.jsonl"}
+    assert set(man["files"]) == {"tensors.safetensors", "texts.bin"}
 
 
 def test_unencoded_round_trip_and_overwrite(tok, tmp_path):
@@ -243,13 +243,13 @@ def test_truncated_files(saved):
 
 
 def test_corrupted_texts(saved):
-    f = saved / "texts.jsonl"
+    f = saved / "texts.bin"
     _flip_byte(f, 5)
-    with pytest.raises(MemoryFormatError, match=r"texts\.jsonl: sha256"):
+    with pytest.raises(MemoryFormatError, match=r"texts\.bin: sha256"):
         KnowledgeMemory.load(saved)
 
 
-@pytest.mark.parametrize("name", ["tensors.safetensors", "texts.jsonl", "manifest.json"])
+@pytest.mark.parametrize("name", ["tensors.safetensors", "texts.bin", "manifest.json"])
 def test_missing_file(saved, name):
     (saved / name).unlink()
     with pytest.raises(FileNotFoundError, match=name.replace(".", r"\.")):

@@ -1,0 +1,413 @@
+"""``pluglm bench --large``: memories of 1e6 to 2e7 entries on one machine (docs/design.md,
+"Out of core"; issue 14).
+
+Per M (synthetic entries, d = 128 keys, 128-token int16 entries, no value table):
+- a memory is built straight to disk with ``build_memory`` (int8 keys, int16 token ids),
+  loaded memory-mapped (load wall time, resident memory added by the load, bytes on disk
+  per entry), and searched through ``KnowledgeMemory.search`` on its mapped keys;
+- exact search at B = 1, 32, 256 over in-memory key tables of every key dtype (int8,
+  bfloat16; float32 up to 1e7), the case's peak extra memory;
+- each search row's ``pct_roofline``: its time against the ceiling that bounds it — the
+  bytes of keys it must read over the measured memory read bandwidth, or its 2·B·M·d flops
+  over the measured float32 GEMM rate, whichever takes longer. Both ceilings are measured
+  in the same run (``measure_ceilings``).
+Rows are the quick sweep's (``pluglm.bench.common.Row``).
+"""
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pluglm_kernels import quantize_keys
+
+from .common import Row, machine_info, measure
+from .measure import copy_bandwidth_gbs, proc_status_kb, time_fn
+
+LARGE_MS = (1_000_000, 4_000_000, 10_000_000, 20_000_000)
+FLOAT32_MAX_M = 10_000_000
+
+
+@dataclass
+class LargeConfig:
+    Ms: tuple = LARGE_MS
+    Bs: tuple = (1, 32, 256)
+    # (B, largest M timed at that B): one B = 256 search over 2e7 keys takes about a minute
+    # on a shared 2-core machine; () = every B at every M
+    B_limits: tuple = ((256, 4_000_000), (32, 10_000_000))
+    k: int = 5
+    d: int = 128
+    L: int = 128
+    vocab: int = 30522
+    dtypes: tuple = ("int8", "bfloat16", "float32")
+    work_dir: str = ""
+    budget_s: float = 1.0
+    chunk: int = 500_000
+    ceiling_bytes: int = 1 << 30  # the bandwidth probe's size: far beyond any cache
+    cost_Ms: tuple = (1_000_000, 10_000_000)  # the cost-of-a-memory case (empty: skip)
+    cost_Bs: tuple = (1, 8)
+    recall_entries: int = 2000  # real sentence embeddings for the int8 recall case (0: skip)
+
+    @classmethod
+    def make(cls, max_m: int | None, work_dir: str) -> "LargeConfig":
+        Ms = tuple(m for m in LARGE_MS if max_m is None or m <= max_m) or (int(max_m),)
+        cost = tuple(m for m in (1_000_000, 10_000_000) if max_m is None or m <= max_m)
+        return cls(Ms=Ms, work_dir=work_dir, cost_Ms=cost)
+
+
+def measure_ceilings(nbytes: int = 1 << 30) -> dict:
+    """This machine's memory read bandwidth (a sum over a ``nbytes`` float32 tensor, far larger
+    than any cache), copy bandwidth, and float32 GEMM rate, measured now."""
+    x = torch.ones(nbytes // 4)
+    t = time_fn(lambda: x.sum(), "cpu", warmup=2, min_repeats=5, budget_s=1.0)
+    read_gbs = nbytes / (t.median_ms * 1e-3) / 1e9
+    del x
+    gc.collect()
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = time_fn(lambda: a @ b, "cpu", warmup=2, min_repeats=5, budget_s=1.0)
+    gemm = 2 * n ** 3 / (t.median_ms * 1e-3) / 1e9
+    return {"read_gbs": round(read_gbs, 2), "copy_gbs": round(copy_bandwidth_gbs("cpu"), 2),
+            "gemm_f32_gflops": round(gemm, 1)}
+
+
+def _roofline(ms: float, M: int, d: int, B: int, key_bytes: float, ceil: dict) -> tuple[float, dict]:
+    nbytes = M * key_bytes
+    flops = 2.0 * B * M * d
+    t_mem = nbytes / (ceil["read_gbs"] * 1e9)
+    t_cmp = flops / (ceil["gemm_f32_gflops"] * 1e9)
+    bound = "memory" if t_mem >= t_cmp else "compute"
+    pct = 100.0 * max(t_mem, t_cmp) / (ms * 1e-3)
+    return pct, {"bound": bound, "achieved_gbs": round(nbytes / (ms * 1e-3) / 1e9, 2),
+                 "achieved_gflops": round(flops / (ms * 1e-3) / 1e9, 1)}
+
+
+def _measure(fn, budget_s: float):
+    """``common.measure``, except that a call of over half a second is timed on its own
+    calls after one warm-up (at M = 2e7, B = 256 one search takes tens of seconds here)."""
+    t0 = time.perf_counter()
+    fn()
+    if time.perf_counter() - t0 < 0.5:
+        return measure(fn, "cpu", budget_s)
+    t = time_fn(fn, "cpu", warmup=0, min_repeats=2, max_repeats=2, budget_s=0)
+    from .measure import PeakMemory
+
+    with PeakMemory("cpu") as pm:
+        fn()
+    return t, (None if pm.peak_bytes is None else pm.peak_bytes / 2**20)
+
+
+def _batch_sizes(cfg: LargeConfig, M: int) -> list[int]:
+    limits = dict(cfg.B_limits)
+    return [B for B in cfg.Bs if M <= limits.get(B, M)]
+
+
+def _rss_kb() -> int:
+    return proc_status_kb("VmRSS") or 0
+
+
+def _chunks(M: int, cfg: LargeConfig, gen: torch.Generator):
+    """Synthetic entries streamed to the builder: int16 token ids, int8 keys + scales."""
+    for a in range(0, M, cfg.chunk):
+        n = min(cfg.chunk, M - a)
+        tok = torch.randint(0, cfg.vocab, (n, cfg.L), dtype=torch.int16, generator=gen)
+        lengths = torch.full((n,), cfg.L, dtype=torch.int32)
+        q, s = quantize_keys(torch.randn(n, cfg.d, generator=gen))
+        yield {"token_ids": tok, "lengths": lengths, "keys": q, "key_scales": s}
+
+
+def bench_memory_file(M: int, cfg: LargeConfig, ceil: dict, progress: bool) -> list[Row]:
+    """Build, load (mapped) and search one int8 / int16 / no-values memory of M entries."""
+    from ..memory import KnowledgeMemory, build_memory
+
+    path = Path(cfg.work_dir) / f"large-{M}"
+    gen = torch.Generator().manual_seed(M)
+    t0 = time.perf_counter()
+    build_memory(path, _chunks(M, cfg, gen), vocab_size=cfg.vocab, key_dtype=torch.int8,
+                 store_values=False, total=M, progress=progress)
+    build_s = time.perf_counter() - t0
+    size = sum(f.stat().st_size for f in path.iterdir())
+    rows = []
+    try:
+        gc.collect()
+        rss0 = _rss_kb()
+        t0 = time.perf_counter()
+        mem = KnowledgeMemory.load(path, verify=False)
+        load_s = time.perf_counter() - t0
+        added_mb = (_rss_kb() - rss0) / 1024
+        shape = dict(M=M, d=cfg.d, L=cfg.L, dtype="int8", tokens="int16", values="none")
+        extra = {"size_gb": round(size / 1e9, 3), "bytes_per_entry": round(size / M, 1),
+                 "added_rss_mb": round(added_mb, 1), "build_s": round(build_s, 1)}
+        rows.append(Row("memory load (mapped)", "KnowledgeMemory.load", shape, "cpu",
+                        load_s * 1e3, load_s * 1e3, load_s * 1e3, 1, M / load_s, "entries/s",
+                        added_mb, None, note="verify=False; RSS added by the load", extra=extra))
+        q1 = torch.randn(1, cfg.d)
+        t0 = time.perf_counter()
+        mem.search(q1, cfg.k)  # first search: pages the mapped keys in
+        first_ms = (time.perf_counter() - t0) * 1e3
+        for B in _batch_sizes(cfg, M):
+            q = torch.randn(B, cfg.d)
+            t, peak = _measure(lambda: mem.search(q, cfg.k), cfg.budget_s)
+            pct, ex = _roofline(t.median_ms, M, cfg.d, B, cfg.d + 4, ceil)
+            ex["first_search_ms"] = round(first_ms, 1) if B == cfg.Bs[0] else None
+            rows.append(Row("search (mapped memory)", "KnowledgeMemory.search", dict(
+                M=M, d=cfg.d, B=B, k=cfg.k, dtype="int8"), "cpu", t.median_ms, t.p20_ms,
+                t.p80_ms, t.repeats, B / (t.median_ms * 1e-3), "queries/s", peak, pct, extra=ex))
+        del mem
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        gc.collect()
+    return rows
+
+
+def bench_search_dtypes(M: int, cfg: LargeConfig, ceil: dict, skip=(), log=print) -> list[Row]:
+    """Exact search over in-memory key tables of each dtype (but those in ``skip``)."""
+    from ..topk import exact_topk
+
+    rows = []
+    gen = torch.Generator().manual_seed(M + 1)
+    for name in cfg.dtypes:
+        if (name == "float32" and M > FLOAT32_MAX_M) or name in skip:
+            continue
+        dtype = getattr(torch, name)
+        need = M * cfg.d * dtype.itemsize
+        if need > _mem_available() / 2:
+            log(f"M={M} {name}: in-memory table of {need / 1e9:.1f} GB skipped "
+                f"({_mem_available() / 1e9:.1f} GB available on this shared machine)")
+            continue
+        # filled chunk by chunk: neither the float32 source nor a second copy ever exists whole
+        keys = torch.empty(M, cfg.d, dtype=dtype)
+        sc = torch.empty(M, dtype=torch.float32) if name == "int8" else None
+        for a in range(0, M, cfg.chunk):
+            k = torch.randn(min(cfg.chunk, M - a), cfg.d, generator=gen)
+            if name == "int8":
+                keys[a:a + k.shape[0]], sc[a:a + k.shape[0]] = quantize_keys(k)
+            else:
+                keys[a:a + k.shape[0]] = k
+        key_bytes = keys.element_size() * cfg.d + (4 if sc is not None else 0)
+        for B in _batch_sizes(cfg, M):
+            q = torch.randn(B, cfg.d)
+            fn = lambda: exact_topk(q, keys, cfg.k, key_scales=sc)  # noqa: E731
+            t, peak = _measure(fn, cfg.budget_s)
+            pct, ex = _roofline(t.median_ms, M, cfg.d, B, key_bytes, ceil)
+            rows.append(Row("search (large)", "pluglm mips_topk[auto]", dict(
+                M=M, d=cfg.d, B=B, k=cfg.k, dtype=name), "cpu", t.median_ms, t.p20_ms, t.p80_ms,
+                t.repeats, B / (t.median_ms * 1e-3), "queries/s", peak, pct, extra=ex))
+        del keys, sc
+        gc.collect()
+    return rows
+
+
+def bench_recall_real(cfg: LargeConfig, log=print) -> list[Row]:
+    """Search quality of compact keys on real sentence embeddings: all-MiniLM-L6-v2 keys of
+    Python's own documentation (``pluglm demo``'s corpus, ``recall_entries`` entries of at
+    most 32 tokens), queried with the documented names (``json.dumps``, ...); recall@k of
+    int8 / bfloat16 / float16 keys against float32 exact search."""
+    from ..cli.demo import corpus
+    from ..encoders import EncoderUnavailable, SentenceEncoder
+    from ..memory import KnowledgeMemory
+
+    try:
+        enc = SentenceEncoder.minilm()
+    except EncoderUnavailable as e:
+        log(f"int8 recall on real embeddings skipped: {e}")
+        return []
+    docs = [d for cat in corpus().values() for d in cat]
+    names = [src.split(":", 1)[-1] for src, _ in docs]
+    texts = [text for _, text in docs]
+    mem = KnowledgeMemory.from_texts(texts, enc.tokenizer, max_length=32)
+    if len(mem) > cfg.recall_entries:
+        mem.remove(torch.arange(cfg.recall_entries, len(mem)))
+        mem.compact()
+    t0 = time.perf_counter()
+    mem.encode(enc, batch_size=64, progress=False)
+    enc_s = time.perf_counter() - t0
+    queries = enc.encode_queries(names[:256])
+    M, B = len(mem), queries.shape[0]
+    rows = []
+    for k in (5, 10):
+        _, exact = mem.search(queries, k)
+        for name in ("int8", "bfloat16", "float16"):
+            other = mem.with_layout(key_dtype=getattr(torch, name))
+            t, peak = _measure(lambda: other.search(queries, k), 0.2)
+            _, found = other.search(queries, k)
+            hits = sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact))
+            rows.append(Row("recall vs float32 (real embeddings)", f"pluglm {name} keys", dict(
+                M=M, d=mem.key_dim, B=B, k=k, dtype=name), "cpu", t.median_ms, t.p20_ms,
+                t.p80_ms, t.repeats, B / (t.median_ms * 1e-3), "queries/s", peak, None,
+                note="all-MiniLM-L6-v2 keys of Python's documentation",
+                extra={"recall_at_k": round(hits / exact.numel(), 4),
+                       "encode_s": round(enc_s, 1)}))
+    return rows
+
+
+def synthetic_memory(M: int, key_dim: int, *, L: int = 128, vocab: int = 30522,
+                     key_dtype=torch.int8, value_dim: int | None = None, seed: int = 0):
+    """An encoded in-memory KnowledgeMemory of M synthetic entries (random int16 token ids of
+    L tokens, random keys in ``key_dtype``, values [M, value_dim] float32 or none), built
+    without a tokenizer (the tables are made directly)."""
+    import numpy as np
+
+    from ..memory import KnowledgeMemory, MemorySnapshot, TableLayout, TextTable
+
+    gen = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, vocab, (M, L), dtype=torch.int16, generator=gen)
+    keys = torch.empty(M, key_dim, dtype=key_dtype)
+    scales = torch.empty(M, dtype=torch.float32) if key_dtype == torch.int8 else None
+    for a in range(0, M, 500_000):
+        k = torch.randn(min(500_000, M - a), key_dim, generator=gen)
+        if key_dtype == torch.int8:
+            keys[a:a + k.shape[0]], scales[a:a + k.shape[0]] = quantize_keys(k)
+        else:
+            keys[a:a + k.shape[0]] = k
+    values = None if value_dim is None else torch.randn(M, value_dim, generator=gen)
+    snap = MemorySnapshot(
+        token_ids=tok, lengths=torch.full((M,), L, dtype=torch.int32), keys=keys,
+        key_scales=scales, values=values,
+        valid=torch.ones(M, dtype=torch.bool), stale=torch.zeros(M, dtype=torch.bool),
+        finite=torch.ones(M, dtype=torch.bool), source_index=torch.zeros(M, dtype=torch.int32),
+        sources=["synthetic"], texts=TextTable(b"", np.zeros(M + 1, dtype=np.int64)),
+        rev=torch.arange(M), version=0, vocab_size=vocab, tokenizer_name="synthetic",
+        pad_token_id=0, max_length=L,
+        layout=TableLayout(key_dtype, None, value_dim is not None))
+    return KnowledgeMemory(snap)
+
+
+def bench_cost_of_memory(cfg: LargeConfig, log=print) -> list[Row]:
+    """What a memory costs per forward pass: a PlugLM forward in BERT-base geometry (12 layers,
+    d = 768, the top FFN block a memory layer, T = 128) against the dense BERT-base forward
+    (transformers ``BertModel``, same geometry, every layer an FFN), and one memory layer
+    against the dense FFN it replaces; each PlugLM row carries ``extra.ratio_to_dense``."""
+    from transformers import BertConfig, BertModel
+
+    from ..configuration_pluglm import PlugLMConfig
+    from ..modeling_pluglm import PlugLMModel
+
+    rows: list[Row] = []
+    T = 128
+    torch.manual_seed(0)
+    dense = BertModel(BertConfig(), add_pooling_layer=False).eval()
+    plug = PlugLMModel(PlugLMConfig(doc_max_length=128), add_pooling_layer=False).eval()
+    layer = plug.memory_layers()[0]
+    ffn = dense.encoder.layer[-1]
+    dense_ms: dict = {}
+    for B in cfg.cost_Bs:
+        ids = torch.randint(1000, 30000, (B, T))
+        mask = torch.ones(B, T, dtype=torch.long)
+
+        def fd():
+            with torch.no_grad():
+                dense(input_ids=ids, attention_mask=mask)
+
+        h = torch.randn(B, T, 768)
+
+        def ff():  # the FFN sublayer the memory layer replaces: W2 gelu(W1 h) + LayerNorm
+            with torch.no_grad():
+                ffn.output(ffn.intermediate(h), h)
+
+        for name, fn, shape in (("dense BERT-base forward", fd, dict(B=B, T=T)),
+                                ("dense FFN sublayer", ff, dict(B=B, T=T, d=768, d_ff=3072))):
+            t, peak = _measure(fn, cfg.budget_s)
+            dense_ms[(name, B)] = t.median_ms
+            rows.append(Row("cost of a memory", f"transformers BertModel: {name}", shape, "cpu",
+                            t.median_ms, t.p20_ms, t.p80_ms, t.repeats,
+                            B * T / (t.median_ms * 1e-3), "tokens/s", peak))
+    for M in cfg.cost_Ms:
+        for kdt, values in ((torch.int8, False), (torch.float32, False), (torch.float32, True)):
+            need = M * (128 * kdt.itemsize + 128 * 2 + (768 * 4 if values else 0))
+            if need > _mem_available() / 2:
+                log(f"cost of a memory, M={M}, {kdt} keys, values {values}: {need / 1e9:.1f} GB "
+                    f"of tables skipped ({_mem_available() / 1e9:.1f} GB available)")
+                continue
+            mem = synthetic_memory(M, 128, key_dtype=kdt, value_dim=768 if values else None)
+            plug.set_memory(mem)
+            kind = f"{str(kdt).replace('torch.', '')} keys, " + (
+                "stored values" if values else "values on demand")
+            for B in cfg.cost_Bs:
+                ids = torch.randint(1000, 30000, (B, T))
+                mask = torch.ones(B, T, dtype=torch.long)
+                h = torch.randn(B, T, 768)
+
+                def fp():
+                    with torch.no_grad():
+                        plug(input_ids=ids, attention_mask=mask)
+
+                def fl():
+                    with torch.no_grad():
+                        layer(h, mask, plug._reading_memory(mem))
+
+                for name, fn, dname in (("PlugLM forward (BERT-base)", fp, "dense BERT-base forward"),
+                                        ("memory layer", fl, "dense FFN sublayer")):
+                    t, peak = _measure(fn, cfg.budget_s)
+                    ratio = t.median_ms / dense_ms[(dname, B)]
+                    rows.append(Row("cost of a memory", f"pluglm {name}: {kind}", dict(
+                        M=M, B=B, T=T, dtype=str(kdt).replace("torch.", ""),
+                        values="stored" if values else "on demand"), "cpu", t.median_ms,
+                        t.p20_ms, t.p80_ms, t.repeats, B * T / (t.median_ms * 1e-3),
+                        "tokens/s", peak, extra={"ratio_to_dense": round(ratio, 3)}))
+                    log(f"{name:28s} M={M} B={B} {kind}: {t.median_ms:.1f} ms, "
+                        f"{ratio:.2f}x dense")
+            plug.set_memory(None)
+            del mem
+            gc.collect()
+    return rows
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def run_large(cfg: LargeConfig, show_progress: bool = True, log=print, partial=None) -> dict:
+    """Every case of the large sweep; returns {"machine", "config", "ceilings", "rows"}."""
+    torch.manual_seed(0)
+    Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cfg.work_dir).free
+    ceil = measure_ceilings(cfg.ceiling_bytes)
+    log(f"ceilings: {ceil}")
+    rows: list[Row] = []
+    for M in cfg.Ms:
+        need = M * (cfg.L * 2 + cfg.d + 16) * 2.1  # raw files + assembled file
+        skip = ()
+        if need < free:
+            rows += bench_memory_file(M, cfg, ceil, show_progress)
+            skip = ("int8",)  # the mapped memory's search rows are the int8 case
+        else:
+            log(f"M={M}: skipping the memory file ({need / 1e9:.1f} GB needed, "
+                f"{free / 1e9:.1f} GB free in {cfg.work_dir})")
+        rows += bench_search_dtypes(M, cfg, ceil, skip, log)
+        if partial is not None:  # a long run keeps what it measured so far
+            partial({"machine": machine_info("cpu"), "config": asdict(cfg), "ceilings": ceil,
+                     "rows": [asdict(r) for r in rows]})
+        for r in rows:
+            if r.shape.get("M") == M:
+                log(f"{r.bench:24s} {r.impl:24s} {r.shape} {r.median_ms:10.2f} ms "
+                    f"pct={None if r.pct_roofline is None else round(r.pct_roofline, 1)} "
+                    f"peak_mb={r.peak_mb}")
+    if cfg.recall_entries:
+        rows += bench_recall_real(cfg, log)
+    if cfg.cost_Ms:
+        rows += bench_cost_of_memory(cfg, log)
+    for r in rows[-40:]:
+        if r.bench != "search (large)" and r.bench not in ("memory load (mapped)",
+                                                           "search (mapped memory)"):
+            log(f"{r.bench:24s} {r.impl:40s} {r.shape} {r.median_ms:10.2f} ms {r.extra}")
+    info = machine_info("cpu")
+    info["peak_rss_mb"] = round((proc_status_kb("VmHWM") or 0) / 1024, 1)
+    info["note"] = os.environ.get("PLUGLM_BENCH_NOTE", "")
+    return {"machine": info, "config": asdict(cfg), "ceilings": ceil,
+            "rows": [asdict(r) for r in rows]}
+
+
+__all__ = ["LargeConfig", "measure_ceilings", "run_large"]
