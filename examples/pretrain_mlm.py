@@ -28,7 +28,9 @@ import time
 
 import torch
 
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+from pluglm.memory.tokenize import WORD_LEVEL_SPECIAL
+
+SPECIAL = WORD_LEVEL_SPECIAL
 
 
 # ------------------------------------------------------------------------ data, tokenizer
@@ -43,18 +45,9 @@ def synthetic_corpus(n_people: int = 48, n_cities: int = 12, n_jobs: int = 8, se
 
 def build_tokenizer(texts: list[str]):
     """A word-level BERT-style tokenizer ([CLS] x [SEP]) over the corpus words, built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from pluglm.memory.tokenize import word_level_tokenizer
 
-    words = sorted({w for t in texts for w in t.split()})
-    vocab = {w: i for i, w in enumerate(SPECIAL + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return word_level_tokenizer(sorted({w for t in texts for w in t.split()}))
 
 
 def mask_tokens(ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer, p: float, gen: torch.Generator):

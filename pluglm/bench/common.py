@@ -60,6 +60,18 @@ class SweepConfig:
                    attn_shapes=((1, 128, 5), (8, 128, 5), (32, 128, 5), (8, 512, 32)))
 
 
+def mem_available() -> int:
+    """Bytes of host memory available now (/proc/meminfo MemAvailable; 8 GiB where unreadable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
 def machine_info(device: str) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform(), "cpu": _cpu_name(), "threads": torch.get_num_threads(),

@@ -26,7 +26,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+from ..memory.tokenize import WORD_LEVEL_SPECIAL
+
+SPECIAL = WORD_LEVEL_SPECIAL
 
 # Relations: (name, entry fragment, query templates). {v} is the value, {n} the name.
 # The entry states all attributes in one sentence; queries use other words.
@@ -175,17 +177,9 @@ def make_knowledge_base(seed: int = 0, *, n_a: int = 3000, n_b: int = 1000,
 
 def build_tokenizer(kb: KnowledgeBase):
     """Word-level BERT-style tokenizer ([CLS] x [SEP]) over every word of ``kb``, built in code."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from ..memory.tokenize import word_level_tokenizer
 
-    vocab = {w: i for i, w in enumerate(list(SPECIAL) + kb.words())}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return word_level_tokenizer(kb.words())
 
 
 __all__ = ["Entity", "KnowledgeBase", "Query", "RELATIONS", "build_tokenizer", "make_knowledge_base"]

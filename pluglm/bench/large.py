@@ -26,7 +26,7 @@ import torch
 
 from pluglm_kernels import quantize_keys
 
-from .common import Row, machine_info, measure
+from .common import Row, machine_info, measure, mem_available
 from .measure import copy_bandwidth_gbs, proc_status_kb, time_fn
 
 LARGE_MS = (1_000_000, 4_000_000, 10_000_000, 20_000_000)
@@ -176,9 +176,9 @@ def bench_search_dtypes(M: int, cfg: LargeConfig, ceil: dict, skip=(), log=print
             continue
         dtype = getattr(torch, name)
         need = M * cfg.d * dtype.itemsize
-        if need > _mem_available() / 2:
+        if need > mem_available() / 2:
             log(f"M={M} {name}: in-memory table of {need / 1e9:.1f} GB skipped "
-                f"({_mem_available() / 1e9:.1f} GB available on this shared machine)")
+                f"({mem_available() / 1e9:.1f} GB available on this shared machine)")
             continue
         # filled chunk by chunk: neither the float32 source nor a second copy ever exists whole
         keys = torch.empty(M, cfg.d, dtype=dtype)
@@ -320,9 +320,9 @@ def bench_cost_of_memory(cfg: LargeConfig, log=print) -> list[Row]:
     for M in cfg.cost_Ms:
         for kdt, values in ((torch.int8, False), (torch.float32, False), (torch.float32, True)):
             need = M * (128 * kdt.itemsize + 128 * 2 + (768 * 4 if values else 0))
-            if need > _mem_available() / 2:
+            if need > mem_available() / 2:
                 log(f"cost of a memory, M={M}, {kdt} keys, values {values}: {need / 1e9:.1f} GB "
-                    f"of tables skipped ({_mem_available() / 1e9:.1f} GB available)")
+                    f"of tables skipped ({mem_available() / 1e9:.1f} GB available)")
                 continue
             mem = synthetic_memory(M, 128, key_dtype=kdt, value_dim=768 if values else None)
             plug.set_memory(mem)
@@ -358,15 +358,6 @@ def bench_cost_of_memory(cfg: LargeConfig, log=print) -> list[Row]:
     return rows
 
 
-def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 def run_large(cfg: LargeConfig, show_progress: bool = True, log=print, partial=None) -> dict:

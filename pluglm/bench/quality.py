@@ -27,12 +27,11 @@ writes quality.json, quality.md and the plots. Fractions are in [0, 1].
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import platform
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -538,22 +537,9 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
 
 
 def write_all(result: dict, out_dir) -> list[Path]:
-    from .report import atomic_write
+    from .report import write_results
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    p = out_dir / "quality.json"
-    atomic_write(p, json.dumps(result, indent=1).encode())
-    written.append(p)
-    p = out_dir / "quality.md"
-    atomic_write(p, to_markdown(result).encode())
-    written.append(p)
-    try:
-        written += plot(result, out_dir)
-    except ImportError:
-        pass  # matplotlib is optional: JSON and Markdown still stand
-    return written
+    return write_results(result, out_dir, "quality", to_markdown, plot)
 
 
 __all__ = ["QualityConfig", "accuracy", "measure", "run_quality", "state_hash", "train", "write_all"]

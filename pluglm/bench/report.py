@@ -128,18 +128,21 @@ def _pick_group(groups: dict):
     return max(groups, key=lambda g: len(groups[g]))
 
 
-def write_all(result: dict, out_dir: Path) -> list[Path]:
+def write_results(result: dict, out_dir, stem: str, to_markdown, plot) -> list[Path]:
+    """``stem``.json and ``stem``.md (atomically) and the plots into out_dir; the written paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    p = out_dir / "results.json"
-    atomic_write(p, json.dumps(result, indent=1).encode())
-    written.append(p)
-    p = out_dir / "results.md"
-    atomic_write(p, to_markdown(result).encode())
-    written.append(p)
+    for suffix, data in ((".json", json.dumps(result, indent=1)), (".md", to_markdown(result))):
+        p = out_dir / f"{stem}{suffix}"
+        atomic_write(p, data.encode())
+        written.append(p)
     try:
         written += plot(result, out_dir)
     except ImportError:
         pass  # matplotlib is an optional extra: the table, JSON and Markdown still stand
     return written
+
+
+def write_all(result: dict, out_dir: Path) -> list[Path]:
+    return write_results(result, out_dir, "results", to_markdown, plot)

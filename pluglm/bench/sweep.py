@@ -21,7 +21,7 @@ import torch
 import pluglm_kernels as pk
 
 from . import model_bench, refresh_bench
-from .common import Row, SweepConfig, machine_info, measure, published_attention
+from .common import Row, SweepConfig, machine_info, measure, mem_available, published_attention
 from .measure import copy_bandwidth_gbs
 
 
@@ -138,14 +138,7 @@ def _indices_of(impl: str, result) -> torch.Tensor:
 def _memory_budget(dev: torch.device) -> int:
     if dev.type == "cuda":
         return torch.cuda.get_device_properties(dev).total_memory
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
+    return mem_available()
 
 
 def _search_fn(impl, q, keys, k, index):

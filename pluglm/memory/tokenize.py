@@ -12,6 +12,23 @@ from dataclasses import dataclass
 import torch
 
 _TOKENIZE_BATCH = 1024
+WORD_LEVEL_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def word_level_tokenizer(words):
+    """A BERT-style ([CLS] x [SEP]) word-level tokenizer built in code (no download): ids are
+    WORD_LEVEL_SPECIAL then ``words`` in the given order; text is split on whitespace."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(list(WORD_LEVEL_SPECIAL) + list(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
 def dtype_name(dt: torch.dtype) -> str:
