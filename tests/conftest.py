@@ -89,6 +89,30 @@ def run_child_until_killed(argv: list[str], env: dict, signal_file=None, stage: 
     assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
 
 
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists ``flag`` (e.g. "avx2", "avx512bw"); False where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return flag in f.read().split()
+    except OSError:
+        return False
+
+
+SMALL_WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "north", "paper",
+               "light", "green", "table", "sound", "glass", "metal", "bird", "ocean", "plant",
+               "storm", "salt"]
+
+
+def random_sentences(n: int, seed: int = 0, max_words: int = 12):
+    """n sentences of 2..max_words SMALL_WORDS and a final "." (a generator: callers that
+    must not need a list get none)."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield " ".join(rng.choice(SMALL_WORDS) for _ in range(rng.randint(2, max_words))) + "."
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out64, ref64 = out.detach().to(torch.float64), ref.detach().to(torch.float64)
     denom = ref64.norm().item()

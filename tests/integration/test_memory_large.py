@@ -4,7 +4,6 @@ back atomically — the code paths of a 2e7-entry memory, on a few hundred entri
 from __future__ import annotations
 
 import os
-import random
 import sys
 import textwrap
 from pathlib import Path
@@ -16,23 +15,19 @@ import torch
 from pluglm.memory import KnowledgeMemory, MemoryFormatError, build_memory
 from pluglm_kernels import quantize_keys
 
-from conftest import run_child_until_killed, wordpiece_tokenizer
+from conftest import SMALL_WORDS, random_sentences, run_child_until_killed, wordpiece_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "north", "paper", "light",
-         "green", "table", "sound", "glass", "metal", "bird", "ocean", "plant", "storm", "salt"]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return wordpiece_tokenizer(WORDS + ["."])
+    return wordpiece_tokenizer(SMALL_WORDS + ["."])
 
 
 def gen_texts(n, seed=0):
     """A generator: the builder must not need a list."""
-    rng = random.Random(seed)
-    for _ in range(n):
-        yield " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12))) + "."
+    return random_sentences(n, seed, max_words=12)
 
 
 class Enc(torch.nn.Module):

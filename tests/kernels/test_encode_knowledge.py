@@ -14,7 +14,7 @@ import pluglm_kernels as pk
 from pluglm_kernels import _backends
 from pluglm_kernels import reference as R
 
-from conftest import RTOL, rel_err
+from conftest import RTOL, cpu_has, rel_err
 
 HAS_CPU = _backends.availability("encode_knowledge", "cpu", "cpu")[0]
 pytestmark = pytest.mark.skipif(not HAS_CPU, reason="C++ CPU kernels of encode_knowledge not built")
@@ -241,14 +241,6 @@ def test_encode_knowledge_backward_is_deterministic_across_thread_counts(fresh_s
             assert torch.equal(x, y), name
 
 
-def _cpu_has(flag: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return flag in f.read().split()
-    except OSError:
-        return False
-
-
 ISAS = ["scalar", "avx2", "avx512"]
 
 
@@ -269,7 +261,7 @@ def test_encode_knowledge_honours_pluglm_cpu_isa(fresh_seed, monkeypatch, dtype)
     ref_out, ref_grads = _grads(run("reference"), [p.double() for p in params], go.double())
     got = {}
     for isa in ISAS:
-        if isa != "scalar" and not _cpu_has({"avx2": "avx2", "avx512": "avx512bw"}[isa]):
+        if isa != "scalar" and not cpu_has({"avx2": "avx2", "avx512": "avx512bw"}[isa]):
             continue
         monkeypatch.setenv("PLUGLM_CPU_ISA", isa)
         assert pk.load_extension()[0].cpu_isa() == isa

@@ -13,7 +13,7 @@ import pluglm_kernels as pk
 from pluglm_kernels import reference as R
 from pluglm_kernels._backends import availability
 
-from conftest import RTOL, rel_err
+from conftest import RTOL, cpu_has, rel_err
 
 HAS_CPU_KERNEL = availability("knowledge_attention", "cpu", "cpu")[0] and availability(
     "gather_knowledge_attention", "cpu", "cpu")[0]
@@ -234,14 +234,6 @@ def test_backward_deterministic_and_thread_independent(fresh_seed):
         assert torch.equal(a, b)
 
 
-def _cpu_has(flag: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return flag in f.read().split()
-    except OSError:
-        return False
-
-
 @needs_cpu
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -250,7 +242,7 @@ def test_cpu_every_isa_path(fresh_seed, monkeypatch, isa, dtype, Dh, N):
     """PLUGLM_CPU_ISA caps the kernels' instruction set: the portable build (4-wide rows in
     the backward), the AVX2+FMA clone (8-wide) and the AVX-512 clone (16-wide), each
     against the float64 reference; N = 1 gives exact zeros for dq, dk, dbias, dbeta."""
-    if isa != "scalar" and not _cpu_has({"avx2": "avx2", "avx512": "avx512f"}[isa]):
+    if isa != "scalar" and not cpu_has({"avx2": "avx2", "avx512": "avx512f"}[isa]):
         pytest.skip(f"CPU lacks {isa}")
     monkeypatch.setenv("PLUGLM_CPU_ISA", isa)
     B, T, H = 2, 21, 3  # T not a multiple of any row block

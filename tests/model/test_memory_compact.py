@@ -3,7 +3,6 @@ chosen key/value dtypes, values on demand (no value table), texts as a byte blob
 through save/load and every mutation."""
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -13,20 +12,17 @@ from pluglm.memory import KnowledgeMemory
 from pluglm.memory.texts import TextTable
 from pluglm_kernels import quantize_keys
 
-from conftest import wordpiece_tokenizer
+from conftest import SMALL_WORDS, random_sentences, wordpiece_tokenizer
 
-WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "north", "paper", "light",
-         "green", "table", "sound", "glass", "metal", "bird", "ocean", "plant", "storm", "salt"]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return wordpiece_tokenizer(WORDS + ["."])
+    return wordpiece_tokenizer(SMALL_WORDS + ["."])
 
 
 def texts(n, seed=0):
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))) + "." for _ in range(n)]
+    return list(random_sentences(n, seed, max_words=9))
 
 
 class Enc(torch.nn.Module):
