@@ -129,12 +129,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def draw_seed() -> int:
+    """A fresh 32-bit seed, or the one in PLUGLM_TEST_SEED (to replay a failure)."""
+    pinned = os.environ.get("PLUGLM_TEST_SEED")
+    if pinned:
+        return int(pinned)
+    return int.from_bytes(os.urandom(4), "little")
+
+
 @pytest.fixture
-def fresh_seed():
-    """A different seed each test run (printed on failure) so inputs are fresh, yet replayable."""
-    seed = int.from_bytes(os.urandom(4), "little")
+def fresh_seed(request):
+    """A different seed each test run so inputs are fresh, yet replayable: a failing test's
+    report names it, and PLUGLM_TEST_SEED=<seed> makes every test draw that seed."""
+    seed = draw_seed()
+    request.node._pluglm_seed = seed
     torch.manual_seed(seed)
     return seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "_pluglm_seed", None)
+    if seed is not None and report.failed:
+        report.sections.append(("fresh seed", f"replay with PLUGLM_TEST_SEED={seed}"))
 
 
 class RssMeter:
