@@ -20,6 +20,16 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 # Relative-error tolerances against a float64 reference (STYLE.md §6).
 RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
+# float16/bfloat16 results are judged against the error the pure-PyTorch reference itself
+# makes in that precision (float32 accumulation, values stored in the input dtype): draws whose
+# gradient sums cancel (attentive pooling: sum_t ds_t = 0) lift both errors together, from
+# 5e-3 to 0.5 in bfloat16, so no fixed tolerance is both safe and tight. The kernels' error is
+# a steady multiple of the reference's (median 1.0-1.2x C++, 1.3-2.9x Triton, whose u/du
+# roundings the reference does not make); over 200 seeds per bf16 case of the encode_knowledge
+# tests the largest error / tolerance was 0.27 (C++) and 0.62 (Triton) with this factor and
+# the tests' floors (docs/design.md, "Test tolerances").
+LOWP_FACTOR = 8.0
+
 
 def triton_device() -> str:
     """Where this session's Triton kernels run: "cpu" under TRITON_INTERPRET=1 (no GPU),
@@ -117,6 +127,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out64, ref64 = out.detach().to(torch.float64), ref.detach().to(torch.float64)
     denom = ref64.norm().item()
     return (out64 - ref64).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def lowp_tol(floor: float, lowp: torch.Tensor | None, ref: torch.Tensor) -> float:
+    """Tolerance for a low-precision result's rel_err against the float64 ``ref``: ``floor``,
+    or LOWP_FACTOR times the error of ``lowp`` (the reference computed in the low precision)
+    where that is larger."""
+    return floor if lowp is None else max(floor, LOWP_FACTOR * rel_err(lowp.cpu(), ref.cpu()))
 
 
 def pytest_collection_modifyitems(config, items):
