@@ -206,17 +206,25 @@ def test_default_backend_drives_the_model(fresh_seed):
         assert mem.search_backend == {"backend": "faiss", "index": "flat", "params": {}}
         flat = model(ids, attention_mask=mask, output_retrieval=True)
         assert len(mem._indexes) == 1  # the model's plain search(q, k) went through faiss
-        assert torch.equal(flat.retrieval[0].indices, exact.retrieval[0].indices)
+
+        def same_entries(a, b):
+            # random_memory repeats some short token sequences (identical keys, exact score
+            # ties), and faiss may return either copy at the k-th place: 4 runs in 60 differed
+            # in ids there. Compare what the model reads, the keys.
+            return torch.equal(mem.keys[a.retrieval[0].indices], mem.keys[b.retrieval[0].indices])
+
+        assert same_entries(flat, exact)
         assert torch.allclose(flat.logits, exact.logits, rtol=1e-5, atol=1e-5)
         mem.set_search_backend("faiss", index="ivf", nlist=16, nprobe=16)  # every list
         full = model(ids, attention_mask=mask, output_retrieval=True)
-        assert torch.equal(full.retrieval[0].indices, exact.retrieval[0].indices)
+        assert same_entries(full, exact)
         mem.set_search_backend("faiss", index="ivf", nlist=16, nprobe=8)
         approx = model(ids, attention_mask=mask, output_retrieval=True)
         r = recall(approx.retrieval[0].indices, exact.retrieval[0].indices)
         assert len(mem._indexes) == 2  # nprobe is a search knob: the ivf index is shared
         print(f"model retrieval recall@4, ivf nprobe 8/16: {r:.3f}")
-        # measured on 8 seeds (random-init model keys, 1500 entries): 0.80 .. 1.00
+        # measured on 56 seeds (random-init model keys, 1500 entries): 0.77-1.00, mean 0.97;
+        # a broken search scores about k/M = 4/1500
         assert r >= 0.6
     # training: stale search through faiss, fresh re-encode, backward
     model.train()
