@@ -18,7 +18,9 @@ from pluglm.memory import KnowledgeMemory, MemorySnapshot
 
 faiss = pytest.importorskip("faiss")
 
-RECALL_MIN = {"flat": 1.0, "ivf": 0.95, "hnsw": 0.9, "ivfpq": 0.25}
+# Recall@10 over 200 seeds (test_recall_against_exact): ivf 1.0, hnsw 0.990-1.0, ivfpq
+# 0.297-0.453 (mean 0.368, sd 0.027; 0.25 was 4.4 sd below it, 0.15 is 8); random: k/M.
+RECALL_MIN = {"flat": 1.0, "ivf": 0.95, "hnsw": 0.9, "ivfpq": 0.15}
 WORDS = [f"w{i}" for i in range(60)]
 
 
@@ -85,6 +87,15 @@ def recall(ids: torch.Tensor, ref: torch.Tensor) -> float:
     return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, ref)) / ref.numel()
 
 
+def same_up_to_near_ties(q: torch.Tensor, keys: torch.Tensor, i: torch.Tensor, ri: torch.Tensor) -> bool:
+    """faiss's exact (flat) ids ``i`` against the kernel's ``ri``: equal, except where the two
+    entries' exact scores agree to float32 rounding (faiss sums in another order: 1 run in
+    200 swapped two such ids)."""
+    ex = (q.double() @ torch.nan_to_num(keys).double().T)
+    diff = i != ri
+    return torch.allclose(ex.gather(1, i)[diff], ex.gather(1, ri)[diff], rtol=1e-5, atol=1e-5)
+
+
 def check_result(mem: KnowledgeMemory, s: torch.Tensor, i: torch.Tensor, B: int, k: int):
     assert s.shape == (B, k) and i.shape == (B, k)
     assert s.dtype == torch.float32 and i.dtype == torch.int64
@@ -105,9 +116,10 @@ def test_recall_against_exact(kind, fresh_seed):
     s, i = mem.search(q, k, backend="faiss", index=kind)
     check_result(mem, s, i, q.shape[0], k)
     r = recall(i, ri)
-    assert r >= RECALL_MIN[kind], f"{kind}: recall@{k} {r:.3f}"
-    if kind == "flat":
-        assert torch.equal(i, ri) and torch.allclose(s, rs, rtol=1e-5, atol=1e-5)
+    if kind == "flat":  # exact: a near-tie at the k-th place may swap in another entry
+        assert same_up_to_near_ties(q, keys, i, ri) and torch.allclose(s, rs, rtol=1e-5, atol=1e-5)
+    else:
+        assert r >= RECALL_MIN[kind], f"{kind}: recall@{k} {r:.3f}"
     if kind in ("flat", "ivf", "hnsw"):  # exact scores for what they return
         assert torch.allclose(s, (q @ torch.nan_to_num(keys).T).gather(1, i), rtol=1e-5, atol=1e-4)
     print(f"{kind}: recall@{k} = {r:.3f}")
@@ -173,9 +185,10 @@ def test_compact_rebuilds(fresh_seed):
         s, i = mem.search(q, 5, backend="faiss", index=kind)
         rs, ri = mem.search(q, 5)
         check_result(mem, s, i, q.shape[0], 5)
-        assert recall(i, ri) >= RECALL_MIN[kind]
         if kind == "flat":
-            assert torch.equal(i, ri)
+            assert same_up_to_near_ties(q, mem.keys, i, ri)
+        else:
+            assert recall(i, ri) >= RECALL_MIN[kind]
     # the ids are the new numbering: the keys behind them are the old rows' keys
     old_of_new = torch.nonzero(mapping >= 0).squeeze(1)
     ids = mem.search(q, 5, backend="faiss")[1]
