@@ -10,7 +10,14 @@ Per M (synthetic entries, d = 128 keys, 128-token int16 entries, no value table)
 - each search row's ``pct_roofline``: its time against the ceiling that bounds it — the
   bytes of keys it must read over the measured memory read bandwidth, or its 2·B·M·d flops
   over the measured float32 GEMM rate, whichever takes longer. Both ceilings are measured
-  in the same run (``measure_ceilings``).
+  in the same run (``measure_ceilings``);
+- int8 / bf16 / fp16 recall against float32 on real sentence embeddings, and the ANN
+  baselines (faiss IVF, HNSW; two operating points each) against our exact search on
+  clustered anisotropic synthetic keys, isotropic ones and the real embeddings: recall@5/@10
+  and single-query latency (``bench_ann``);
+- the cost of a memory: a PlugLM-BERT-base forward against the dense one, and one memory
+  layer against the dense FFN, each pair timed in alternating calls (``cost_pair_rows``,
+  also the GPU suite's headline, ``pluglm.bench.headline``).
 Rows are the quick sweep's (``pluglm.bench.common.Row``).
 """
 from __future__ import annotations
