@@ -80,14 +80,16 @@ class Placement:
         return self.pinned and torch.cuda.is_available()
 
     @classmethod
-    def of(cls, keys=None, values=None, *, base: "Placement | None" = None) -> "Placement":
-        """A placement from user arguments (None = keep ``base``'s, default all on the CPU)."""
+    def of(cls, keys=None, values=None, *, base: "Placement | None" = None,
+           names: tuple[str, str] = ("keys", "values")) -> "Placement":
+        """A placement from user arguments (None = keep ``base``'s, default all on the CPU);
+        ``names``: the argument names errors cite."""
         base = base if base is not None else cls()
-        kdev = base.keys if keys is None else parse_device("keys", keys, allow_pinned=False)[0]
+        kdev = base.keys if keys is None else parse_device(names[0], keys, allow_pinned=False)[0]
         if values is None:
             rdev, pinned = base.rows, base.pinned
         else:
-            rdev, pinned = parse_device("values", values, allow_pinned=True)
+            rdev, pinned = parse_device(names[1], values, allow_pinned=True)
         return cls(kdev, rdev, pinned)
 
     def describe(self) -> dict:

@@ -791,9 +791,10 @@ class KnowledgeMemory:
                 n = r.numel()
                 first = None if keys_out is None else (
                     keys_out.shape[1], None if values_out is None else values_out.shape[1])
-                k, v = check_encoded(encoder.encode_memory(tok, mask), n, first)
-                if not layout.store_values:
-                    v = None
+                # values=False: a memory keeping no values does not check (or keep) them, so
+                # the batches after the first are not compared against an absent table
+                k, v = check_encoded(encoder.encode_memory(tok, mask), n, first,
+                                     values=layout.store_values)
                 if keys_out is None:
                     kdt = key_dtype or table_dtype(k.dtype)
                     keys_out = torch.empty(E, k.shape[1], dtype=kdt, device=s.device)
@@ -998,7 +999,8 @@ class KnowledgeMemory:
         """
         dev = parse_device("device", device, allow_pinned=False)[0]
         base = Placement(dev, dev)
-        placement = Placement.of(keys_device, values_device, base=base)
+        placement = Placement.of(keys_device, values_device, base=base,
+                                 names=("keys_device", "values_device"))
         return cls(read_snapshot(locate(path), placement, mmap, verify))
 
 
