@@ -253,3 +253,17 @@ def test_cuda_keys_pinned_values_no_table_sized_device_allocation(tok):
     kr, vr = big.fetch(ids_ref)
     assert torch.equal(v.cpu(), vr) and torch.equal(k.cpu(), kr)
     assert torch.equal(tok_ids.cpu(), big.token_ids_of(ids_ref, trim=True)[0])
+
+
+def test_uint16_rows_through_fetch_rows():
+    """Shards fetch token rows through pluglm.distributed.fetch_rows (index_put + a byte
+    all_reduce): uint16 tables go through their int16 bits. One rank, no process group."""
+    from pluglm.distributed import fetch_rows
+
+    t = torch.randint(0, 65536, (10, 3), dtype=torch.int32).to(torch.uint16)
+    ids = torch.tensor([[1, 4], [9, -1]])
+    r = fetch_rows(ids, t, 0)
+    assert r.dtype == torch.uint16
+    assert torch.equal(r.to(torch.int32)[0], t.to(torch.int32)[[1, 4]])
+    assert torch.equal(r.to(torch.int32)[1, 0], t.to(torch.int32)[9])
+    assert not bool(r.to(torch.int32)[1, 1].any())
