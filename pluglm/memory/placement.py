@@ -62,11 +62,14 @@ def parse_device(name: str, value, *, allow_pinned: bool) -> tuple[torch.device,
 @dataclass(frozen=True)
 class Placement:
     """keys: device of the search tables (and of every read's result); rows: device of the
-    values, token ids and lengths; pinned: rows asked for page-locked host memory."""
+    values, token ids and lengths; pinned: rows asked for page-locked host memory;
+    zero_copy: reads of pinned rows from a CUDA device go through ``gather_rows`` (the
+    kernel reads the host rows itself) instead of the staging buffer."""
 
     keys: torch.device = torch.device("cpu")
     rows: torch.device = torch.device("cpu")
     pinned: bool = False
+    zero_copy: bool = False
 
     @property
     def split(self) -> bool:
@@ -80,7 +83,7 @@ class Placement:
         return self.pinned and torch.cuda.is_available()
 
     @classmethod
-    def of(cls, keys=None, values=None, *, base: "Placement | None" = None,
+    def of(cls, keys=None, values=None, *, zero_copy=None, base: "Placement | None" = None,
            names: tuple[str, str] = ("keys", "values")) -> "Placement":
         """A placement from user arguments (None = keep ``base``'s, default all on the CPU);
         ``names``: the argument names errors cite."""
@@ -90,11 +93,18 @@ class Placement:
             rdev, pinned = base.rows, base.pinned
         else:
             rdev, pinned = parse_device(names[1], values, allow_pinned=True)
-        return cls(kdev, rdev, pinned)
+        if zero_copy is None:
+            zero_copy = base.zero_copy and pinned
+        elif not isinstance(zero_copy, bool):
+            raise TypeError(f"zero_copy must be a bool, got {zero_copy!r}")
+        if zero_copy and not pinned:
+            raise ValueError("zero_copy=True reads values from pinned host memory: it needs "
+                             "values='pinned'")
+        return cls(kdev, rdev, pinned, zero_copy)
 
     def describe(self) -> dict:
         return {"keys": str(self.keys), "values": PINNED if self.pinned else str(self.rows),
-                "pinned_pages": self.pins}
+                "pinned_pages": self.pins, "zero_copy": self.zero_copy}
 
     def place(self, name: str, t: torch.Tensor | None, *, mapped: bool = False,
               unchanged: bool = False) -> torch.Tensor | None:
@@ -140,7 +150,10 @@ class RowStager:
 
     def gather(self, name: str, table: torch.Tensor, idx: torch.Tensor, device: torch.device
                ) -> torch.Tensor:
-        """table [M, ...] on the host, idx [n] int64 on the host -> rows [n, ...] on device."""
+        """table [M, ...] (on the host: staged), idx [n] int64 on the table's device ->
+        rows [n, ...] on device."""
+        if table.device.type != "cpu":  # rows on another device: no host staging to do
+            return table.index_select(0, idx.to(table.device)).to(device)
         n = idx.numel()
         shape = (n,) + tuple(table.shape[1:])
         dtype = table.dtype
@@ -153,8 +166,9 @@ class RowStager:
             if device.type == "cpu":
                 out = out_buf.clone()
             else:
+                # asynchronous only where an event can say when the buffer is free again
                 out = torch.empty(shape, dtype=src.dtype, device=device)
-                out.copy_(out_buf, non_blocking=True)
+                out.copy_(out_buf, non_blocking=device.type == "cuda")
                 if device.type == "cuda":
                     ev = torch.cuda.Event()
                     ev.record(torch.cuda.current_stream(device))

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pluglm_kernels import gather_rows, triton_interpret, triton_status
+
 from ..topk import exact_topk
 from .placement import KEY_TABLES, ROW_TABLES, Placement, RowStager
 from .texts import TextTable
@@ -234,11 +236,35 @@ class MemorySnapshot:
                                "returned none): read it through a model, which re-encodes the "
                                "retrieved entries, or re-encode with store_values=True")
         if self.placement.split:
+            if self._zero_copy("values"):
+                idx = self._device_ids(ids)
+                values = gather_rows(self.values, idx.reshape(-1), backend="triton")
+                return self.float_keys(idx), values.view(*idx.shape, -1)
             idx_h, idx = self._split_ids(ids)
             values = self.stager.gather("values", self.values, idx_h.reshape(-1), self.device)
             return self.float_keys(idx), values.view(*idx.shape, -1)
         idx = as_ids("ids", ids, len(self), self.keys.device)
         return self.float_keys(idx), self.values[idx]
+
+    def _zero_copy(self, name: str) -> bool:
+        """Read table ``name`` with the zero-copy kernel: asked for, pinned in-memory rows
+        and a CUDA target (or, under TRITON_INTERPRET=1, host rows and a host target: the
+        same code path for tests)."""
+        t = getattr(self, name)
+        if not self.placement.zero_copy or name in self.mapped or t.device.type != "cpu" \
+                or not triton_status()[0]:
+            return False
+        if self.device.type == "cuda":
+            return t.is_pinned()
+        return self.device.type == "cpu" and triton_interpret()
+
+    def _device_ids(self, ids) -> torch.Tensor:
+        """ids -> int64 on the keys' device; ids already there are checked on the device
+        (by gather_rows: no host sync), others on the host."""
+        if isinstance(ids, torch.Tensor) and ids.device == self.device and ids.dtype == torch.int64 \
+                and self.device.type != "cpu":
+            return ids
+        return as_ids("ids", ids, len(self), self.device)
 
     def _split_ids(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
         """ids -> (on the row device, on the keys' device), bounds-checked once. Ids that
@@ -254,6 +280,17 @@ class MemorySnapshot:
         """ids [...] -> (token ids [..., L] in ``dtype``, attention mask [..., L] long), on
         the memory's device (for re-encoding retrieved entries with a live encoder).
         trim=True cuts L to the longest entry among ``ids``."""
+        if self.placement.split and self._zero_copy("token_ids"):
+            idx = self._device_ids(ids)
+            flat = idx.reshape(-1)
+            lengths = gather_rows(self.lengths.view(-1, 1), flat, backend="triton").view(-1)
+            width = self.token_ids.shape[1]
+            if trim and flat.numel():
+                width = int(lengths.max())  # one sync, as the one-device path makes
+            tok = gather_rows(self.token_ids[:, :width], flat, backend="triton")
+            shape = tuple(idx.shape)
+            return (widen_tokens(tok, dtype).view(*shape, width),
+                    self.attention_mask(lengths, width).view(*shape, width))
         if self.placement.split:
             idx_h, _ = self._split_ids(ids)
             flat = idx_h.reshape(-1)

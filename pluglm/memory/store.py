@@ -224,7 +224,8 @@ class KnowledgeMemory:
         return KnowledgeMemory(snap, self._tokenizer)
 
     def place(self, keys: str | torch.device | None = None,
-              values: str | torch.device | None = None) -> "KnowledgeMemory":
+              values: str | torch.device | None = None, *, zero_copy: bool | None = None
+              ) -> "KnowledgeMemory":
         """Move this memory's tables in place (docs/design.md, "Placement"); returns self.
 
         keys: device of the keys, int8 key scales and the [M] masks — search runs there and
@@ -236,10 +237,16 @@ class KnowledgeMemory:
         Without CUDA, "pinned" keeps plain host memory (the read path is the same; see
         ``placement``). Memory-mapped tables are never pinned: they stay mapped and only
         the rows read are paged in. Ids, contents and ``version`` are unchanged. Raises
-        ValueError / TypeError naming ``keys`` or ``values`` for a bad device."""
+        ValueError / TypeError naming ``keys`` or ``values`` for a bad device.
+
+        zero_copy=True (with values="pinned"): reads from a CUDA device let the
+        ``pluglm_kernels.gather_rows`` kernel read the retrieved rows straight from pinned
+        host memory (no trip of the ids to the host, no staging copy); mapped tables and
+        machines without CUDA/Triton keep the staged path. Compiled and interpreter-tested,
+        not yet measured on a GPU, hence off by default."""
         with self._lock:
             s = self._snap
-            pl = Placement.of(keys, values, base=s.placement)
+            pl = Placement.of(keys, values, zero_copy=zero_copy, base=s.placement)
             if pl != s.placement:
                 self._snap = s._replace(placement=pl, version=s.version)
         return self

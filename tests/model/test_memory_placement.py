@@ -69,11 +69,12 @@ def _same_reads(a, b, M, key_dim=8):
 def test_place_pinned_on_cpu_reads_like_one_device(tok):
     ref = _memory(tok)
     mem = _memory(tok)
-    assert mem.placement == {"keys": "cpu", "values": "cpu", "pinned_pages": False}
+    assert mem.placement == {"keys": "cpu", "values": "cpu", "pinned_pages": False,
+                             "zero_copy": False}
     assert mem.place(values="pinned") is mem
     # no CUDA here: "pinned" is kept as asked, the pages are not locked (documented rule)
     assert mem.placement == {"keys": "cpu", "values": "pinned",
-                             "pinned_pages": torch.cuda.is_available()}
+                             "pinned_pages": torch.cuda.is_available(), "zero_copy": False}
     assert mem.device == torch.device("cpu") and mem.version == ref.version
     _same_reads(mem, ref, len(ref))
     # only the gathered rows were staged: buffers sized to B*N rows, not to M
@@ -106,6 +107,25 @@ def test_load_placed_mapped_and_in_memory(tok, tmp_path, layout, mmap):
     assert mem.token_ids.data_ptr() == ptr
 
 
+@pytest.mark.parametrize("mmap", [True, False])
+def test_zero_copy_reads(tok, tmp_path, mmap):
+    """zero_copy=True: reads go through pluglm_kernels.gather_rows (Triton; here under the
+    interpreter on host tensors: the GPU path's logic), the ids never visit the staging
+    buffers; a mapped table keeps the staged path. Same results either way."""
+    pytest.importorskip("triton")
+    from pluglm_kernels import triton_interpret
+
+    ref = _memory(tok, **dict(key_dtype=torch.int8))
+    ref.save(tmp_path / "m")
+    mem = KnowledgeMemory.load(tmp_path / "m", mmap=mmap).place(values="pinned", zero_copy=True)
+    assert mem.placement["zero_copy"]
+    _same_reads(mem, ref, len(ref))
+    staged = mem.snapshot().stager.staged_bytes
+    assert (staged == 0) == (triton_interpret() and not mmap)
+    mem.place(values="cpu")  # leaving "pinned" turns zero-copy off
+    assert not mem.placement["zero_copy"]
+
+
 def test_mutations_keep_the_placement(tok):
     enc = Enc(len(tok))
     ref = _memory(tok, n=20)
@@ -136,6 +156,10 @@ def test_bad_placement_arguments_name_the_argument(tok, tmp_path):
         mem.place(values="the moon")
     with pytest.raises(TypeError, match="values must be a torch.device"):
         mem.place(values=2.5)
+    with pytest.raises(ValueError, match="zero_copy=True .* needs values='pinned'"):
+        mem.place(zero_copy=True)
+    with pytest.raises(TypeError, match="zero_copy must be a bool"):
+        mem.place(values="pinned", zero_copy="yes")
     mem.save(tmp_path / "m")
     with pytest.raises(ValueError, match="keys_device"):
         KnowledgeMemory.load(tmp_path / "m", keys_device="nowhere")
@@ -171,7 +195,9 @@ def test_model_reads_a_placed_memory_exactly(tok, tmp_path, store_values):
     ref.encode(model, progress=False)
     ref.save(tmp_path / "m")
     placed = [KnowledgeMemory.load(tmp_path / "m", values_device="pinned"),
-              KnowledgeMemory.load(tmp_path / "m", mmap=False).place(values="pinned")]
+              KnowledgeMemory.load(tmp_path / "m", mmap=False).place(values="pinned"),
+              KnowledgeMemory.load(tmp_path / "m", mmap=False).place(values="pinned",
+                                                                     zero_copy=True)]
     ids = torch.randint(5, len(tok), (3, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(ids, memory=ref).last_hidden_state
@@ -235,7 +261,8 @@ def test_cuda_keys_pinned_values_no_table_sized_device_allocation(tok):
     big = synthetic_memory(M, 8, L=32, key_dtype=torch.float32, value_dim=d)
     mem = synthetic_memory(M, 8, L=32, key_dtype=torch.float32, value_dim=d)
     mem.place(keys=dev, values="pinned")
-    assert mem.placement == {"keys": str(dev), "values": "pinned", "pinned_pages": True}
+    assert mem.placement == {"keys": str(dev), "values": "pinned", "pinned_pages": True,
+                             "zero_copy": False}
     assert mem.values.is_pinned() and mem.token_ids.is_pinned() and mem.keys.device == dev
     q = torch.randn(32, 8, generator=gen)
     _, ids_ref = big.search(q, 5)
@@ -253,6 +280,16 @@ def test_cuda_keys_pinned_values_no_table_sized_device_allocation(tok):
     kr, vr = big.fetch(ids_ref)
     assert torch.equal(v.cpu(), vr) and torch.equal(k.cpu(), kr)
     assert torch.equal(tok_ids.cpu(), big.token_ids_of(ids_ref, trim=True)[0])
+    # zero-copy: the kernel reads the pinned rows; no staging, same rows, same small peak
+    mem.place(zero_copy=True)
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    k2, v2 = mem.fetch(ids)
+    t2, _ = mem.token_ids_of(ids, trim=True)
+    torch.cuda.synchronize(dev)
+    assert torch.cuda.max_memory_allocated(dev) - base < M * d * 4 // 20
+    assert torch.equal(v2, v) and torch.equal(k2, k) and torch.equal(t2, tok_ids)
 
 
 def test_uint16_rows_through_fetch_rows():
