@@ -74,7 +74,7 @@ class MemorySnapshot:
                  key_rev=None, key_scales=None, layout=None, placement=None, stager=None,
                  mapped=frozenset()):
         M = token_ids.shape[0]
-        self.token_ids = token_ids            # [M, L] int16/int32
+        self.token_ids = token_ids            # [M, L] int16/uint16/int32
         self.lengths = lengths                # [M] int32
         self.keys = keys                      # [M, key_dim] float or int8, or None
         # [M] float32 with int8 keys (key i ~= keys[i] * key_scales[i]), else None

@@ -4,7 +4,7 @@ An entry is one tokenised text chunk (at most ``max_length`` tokens, special tok
 included) with its original text span, a source name, and — once encoded — a key
 [key_dim] and optionally a value [d]. Tables (M entries, L = longest entry):
 
-  token_ids     [M, L] int16 (vocab <= 32768 ids) or int32, padded with the tokenizer's pad id
+  token_ids     [M, L] int16 (vocab <= 2**15 ids), uint16 (<= 2**16) or int32, padded with the pad id
   lengths       [M]    int32, tokens per entry (attention mask = arange(L) < lengths)
   keys          [M, key_dim] float32/float16/bfloat16, None until ``encode``
   values        [M, d]       optional (whatever the encoder returns)
@@ -13,7 +13,9 @@ included) with its original text span, a source name, and — once encoded — a
   finite        [M]    bool, key and value rows are free of NaN/Inf
   source_index  [M]    int32 (CPU) into ``sources``, the distinct source names
   texts         M Python strings
-All device tables live on the memory's ``device``.
+Keys, key scales and the masks live on the memory's ``device`` (where search runs and reads
+return); values, token ids and lengths live there too unless ``place`` / ``load`` put them
+elsewhere, e.g. in pinned host memory (docs/design.md, "Placement").
 
 Search (``pluglm_kernels.mips_topk``) only returns *searchable* rows:
 ``valid & ~stale & finite``. (``stale`` is about an entry's *content*: its tokens changed
@@ -376,7 +378,7 @@ class KnowledgeMemory:
 
     @property
     def token_ids(self) -> torch.Tensor:
-        """[M, L] int16/int32, padded with pad_token_id."""
+        """[M, L] int16/uint16/int32, padded with pad_token_id (uint16: widen before min/max)."""
         return self._snap.token_ids
 
     @property
