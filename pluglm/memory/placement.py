@@ -37,7 +37,8 @@ def parse_device(name: str, value, *, allow_pinned: bool) -> tuple[torch.device,
     if isinstance(value, str) and value == PINNED:
         if not allow_pinned:
             raise ValueError(f"{name}={PINNED!r} is not supported: only values (and token ids) "
-                             f"can live in pinned host memory; keys need a device to be searched on")
+                             f"can live in pinned host memory; keys need a device to be "
+                             f"searched on")
         return torch.device("cpu"), True
     if isinstance(value, torch.device):
         dev = value

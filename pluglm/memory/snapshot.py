@@ -261,8 +261,8 @@ class MemorySnapshot:
     def _device_ids(self, ids) -> torch.Tensor:
         """ids -> int64 on the keys' device; ids already there are checked on the device
         (by gather_rows: no host sync), others on the host."""
-        if isinstance(ids, torch.Tensor) and ids.device == self.device and ids.dtype == torch.int64 \
-                and self.device.type != "cpu":
+        if isinstance(ids, torch.Tensor) and ids.device == self.device \
+                and ids.dtype == torch.int64 and self.device.type != "cpu":
             return ids
         return as_ids("ids", ids, len(self), self.device)
 

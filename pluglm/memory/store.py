@@ -4,7 +4,7 @@ An entry is one tokenised text chunk (at most ``max_length`` tokens, special tok
 included) with its original text span, a source name, and — once encoded — a key
 [key_dim] and optionally a value [d]. Tables (M entries, L = longest entry):
 
-  token_ids     [M, L] int16 (vocab <= 2**15 ids), uint16 (<= 2**16) or int32, padded with the pad id
+  token_ids     [M, L] int16 (vocab <= 2**15), uint16 (<= 2**16) or int32, padded with the pad id
   lengths       [M]    int32, tokens per entry (attention mask = arange(L) < lengths)
   keys          [M, key_dim] float32/float16/bfloat16, None until ``encode``
   values        [M, d]       optional (whatever the encoder returns)

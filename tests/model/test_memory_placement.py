@@ -241,7 +241,8 @@ def test_uint16_token_ids_save_load_and_read(tmp_path):
         all_ids = torch.arange(len(back))[None]
         assert torch.equal(back.token_ids_of(all_ids)[0], mem.token_ids_of(all_ids)[0])
     c = KnowledgeMemory.concat([mem, back])
-    assert c.token_ids.dtype == torch.uint16 and int(c.token_ids_of(torch.tensor([[7]]))[0].max()) == hi
+    assert c.token_ids.dtype == torch.uint16
+    assert int(c.token_ids_of(torch.tensor([[7]]))[0].max()) == hi
     c.compact()
     enc = Enc(len(big))
     c.encode(enc, progress=False)
