@@ -13,7 +13,8 @@ import torch
 from pluglm import PlugLMConfig, PlugLMModel
 from pluglm.memory import KnowledgeMemory
 
-from conftest import SMALL_WORDS, random_sentences, wordpiece_tokenizer
+from conftest import (MeanPoolEncoder as Enc, SMALL_WORDS,
+                      random_sentences, wordpiece_tokenizer)
 
 
 def big_tokenizer(extra):
@@ -30,17 +31,6 @@ def texts(n, seed=0):
     return list(random_sentences(n, seed, max_words=9))
 
 
-class Enc(torch.nn.Module):
-    def __init__(self, vocab, key_dim=8, d=12):
-        super().__init__()
-        torch.manual_seed(3)
-        self.emb = torch.nn.Embedding(vocab, d)
-        self.k = torch.nn.Linear(d, key_dim)
-        self.v = torch.nn.Linear(d, d)
-
-    def encode_memory(self, ids, mask):
-        h = (self.emb(ids) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return self.k(h), self.v(h)
 
 
 def _memory(tok, n=41, **layout):
