@@ -15,7 +15,8 @@ import torch
 from pluglm.memory import KnowledgeMemory, MemoryFormatError, build_memory
 from pluglm_kernels import quantize_keys
 
-from conftest import SMALL_WORDS, random_sentences, run_child_until_killed, wordpiece_tokenizer
+from conftest import (MeanPoolEncoder as Enc, SMALL_WORDS,
+                      random_sentences, run_child_until_killed, wordpiece_tokenizer)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,17 +31,6 @@ def gen_texts(n, seed=0):
     return random_sentences(n, seed, max_words=12)
 
 
-class Enc(torch.nn.Module):
-    def __init__(self, vocab, key_dim=8, d=12):
-        super().__init__()
-        torch.manual_seed(3)
-        self.emb = torch.nn.Embedding(vocab, d)
-        self.k = torch.nn.Linear(d, key_dim)
-        self.v = torch.nn.Linear(d, d)
-
-    def encode_memory(self, ids, mask):
-        h = (self.emb(ids) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return self.k(h), self.v(h)
 
 
 @pytest.mark.parametrize("kdt,store_values", [(torch.float32, True), (torch.int8, False),
