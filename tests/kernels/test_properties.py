@@ -415,6 +415,21 @@ def _pool_params(gen, D, Hp, dt_params):
     return w1, b1, w2, b2
 
 
+def _pool_with_rounded_u(x, mask, w1, b1, w2, b2, dt):
+    """reference.attentive_pool in float64 except that u = x W1^T + b1 is rounded to ``dt``,
+    the rounding the kernels make by design in 16-bit dtypes (ops._pooler_u: an addmm in x's
+    dtype, so W1 and b1 are rounded to it first)."""
+    r = lambda t: t.to(dt).double()  # noqa: E731
+    u = r(x @ r(w1).T + r(b1))
+    s = torch.tanh(u) @ w2.reshape(-1) + b2.reshape(())
+    keep = mask.to(torch.bool)
+    s = s.masked_fill(~keep, float("-inf"))
+    m = s.max(dim=1, keepdim=True).values
+    e = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m))) * keep
+    alpha = e / e.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    return (alpha[..., None] * x).sum(dim=1)
+
+
 @pytest.mark.parametrize("device,backend", _cases("attentive_pool"))
 @settings(PROFILE, max_examples=_n(50))
 @given(data=st.data(), seed=st.integers(0, 2**32 - 1))
@@ -441,8 +456,18 @@ def test_attentive_pool_property(device, backend, data, seed):
     ref = reference.attentive_pool(f64(x), mask.cpu(), f64(w1), f64(b1), f64(w2), f64(b2))
     empty = ~mask.cpu().bool().any(1)
     assert bool((out.cpu()[empty] == 0).all()), "a row with no token must pool to zeros"
-    tol = 2e-5 if dt == torch.float32 else 2e-2  # u = x W1^T is rounded to x's dtype
-    _assert_close(out, ref, tol, math.sqrt(out.numel()) * float(x.abs().max()))
+    natural = math.sqrt(out.numel()) * float(x.abs().max())
+    if dt == torch.float32:
+        _assert_close(out, ref, 2e-5, natural)
+    else:
+        # u = x W1^T + b1 is rounded to x's dtype (a matmul in that dtype), by design. With
+        # large |x| the tanh saturates and a rounded u near 0 flips a score by 2|w2_j|, which
+        # moves the softmax weights by O(1): an ill-conditioned instance, not a kernel error.
+        # So the yardstick is the float64 pool with only that rounding applied to u.
+        ref_u = _pool_with_rounded_u(f64(x), mask.cpu(), f64(w1), f64(b1), f64(w2), f64(b2), dt)
+        budget = (ref_u - ref).norm().item()
+        err = (out.detach().double().cpu() - ref).norm().item()
+        assert err <= 2e-2 * max(ref.norm().item(), natural / 10) + 4 * budget, (err, budget)
 
     if dt != torch.float32 or device != "cpu" or not 1e-6 < 10.0 ** ex <= 10:
         return
