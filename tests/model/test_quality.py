@@ -108,8 +108,12 @@ def test_trained_pluglm_reads_updates_and_swaps_its_memory(tmp_path):
     chance = result["chance"]  # best constant answer per relation, ~4% here
     assert chance < 0.06
     right, wrong = result["accuracy_right_memory"], result["accuracy_wrong_memory"]
-    # measured on 2 cores, seeds 0-3: THRESHOLDS_MEASURED
-    assert right >= 0.4 and right >= 5 * max(wrong, chance)
+    # measured (1 thread, seeds 0-3): right 79.6 / 67.5 / 72.6 / 75.2%, unrelated 2.0-2.7%,
+    # recall 98.5-99.6%, edits followed 80.7 / 73.3 / 71.7 / 80.0%, domain B 83.0 / 74.2 /
+    # 77.6 / 80.0%, with A's memory 2.0-2.7% (chance 4.1-4.5%). The full run trains 1,600
+    # steps on 3,000 entries (>= 90%). Each bound is at least 5x chance and about half of
+    # the lowest measured value, so that neither chance nor a slower seed decides it.
+    assert right >= 0.35 and right >= 5 * max(wrong, chance)
     assert wrong <= chance + 0.05
     assert result["gold_recall"] >= 0.8  # chance: N/M = 4/2000
     assert result["params_unchanged"] is True
@@ -118,8 +122,9 @@ def test_trained_pluglm_reads_updates_and_swaps_its_memory(tmp_path):
     assert result["unedited_accuracy_drop"] <= 0.03
     assert result["removed_accuracy"] <= result["removed_chance"] + 0.05
     assert abs(result["kept_accuracy_after"] - result["kept_accuracy_before"]) <= 0.03
-    assert result["domain_b_accuracy"] >= DOMAIN_B_MIN
-    assert result["domain_b_with_a_memory"] <= result["domain_b_chance"] + 0.05
+    b_chance = result["domain_b_chance"]
+    assert result["domain_b_accuracy"] >= max(0.35, 5 * b_chance)
+    assert result["domain_b_with_a_memory"] <= b_chance + 0.05
     written = Q.write_all(result, tmp_path)
     data = json.loads((tmp_path / "quality.json").read_text())
     for k in ("chance", "accuracy_right_memory", "accuracy_wrong_memory", "gold_recall",
