@@ -10,7 +10,8 @@ held-out entities (facts in the memory, never in a training query):
 * accuracy with the right memory / with a memory of unrelated entries / gold entry in top-N;
 * knowledge update: 500 entities' attribute changed in the memory, only those entries
   re-encoded, no training; every parameter and buffer hashed before and after;
-* domain adaptation: domain-B queries with B's memory plugged in vs with A's;
+* domain adaptation: domain-B queries (other entities, same relations and answer words) with
+  B's memory plugged in vs with A's, and with B's entries in a wording never trained on;
 * removal of 500 entries;
 * a refresh-interval ablation (1, 20, 200 steps, never) and the same run with
   ``kernel_backend="reference"``.
@@ -19,7 +20,10 @@ Training recipe (what made it reliable: benchmarks/NOTES.md, "Quality"): the mod
 default ``retrieval_init="aligned"``, ``model.align_retrieval(memory)`` once the memory is
 built (centred keys and values), ``pluglm.training.RetrievalAlignment`` added to the loss,
 and batches that mix queries with masked memory entries of the *training* entities (the
-paper's corpus MLM; held-out entries never appear in a batch).
+paper's corpus MLM; held-out entries never appear in a batch). Each key refresh is waited for
+(``sync_refresh``) so that a run depends only on its seed. Reading the memory is learnt
+after retrieval locks in (~step 300) and takes ~800 more steps: 1,600 steps in the full run,
+one seed of it in ``--quick``.
 
 ``run_quality(QualityConfig.make(quick, seed))`` returns the result dict; ``write_all``
 writes quality.json, quality.md and the plots. Fractions are in [0, 1].
