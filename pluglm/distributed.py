@@ -238,6 +238,8 @@ def fetch_rows(global_ids: torch.Tensor, local_rows: torch.Tensor, global_offset
         Rmax, req = R, ids
     row_shape = tuple(local_rows.shape[1:])
     rows = local_rows.detach().to(dev)
+    if rows.dtype == torch.uint16:  # uint16 token ids: torch has no index_put for them
+        rows = rows.view(torch.int16)
     out = torch.zeros((req.numel(),) + row_shape, dtype=rows.dtype, device=dev)  # [world*Rmax, *row]
     mine = (req >= global_offset) & (req < global_offset + M_local)
     if bool(mine.any()):
@@ -249,7 +251,8 @@ def fetch_rows(global_ids: torch.Tensor, local_rows: torch.Tensor, global_offset
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     if ids_differ and world > 1:
         out = out[rank * Rmax: rank * Rmax + R]
-    return out.reshape(tuple(global_ids.shape) + row_shape).to(local_rows.device)
+    return out.reshape(tuple(global_ids.shape) + row_shape).to(local_rows.device).view(
+        local_rows.dtype)
 
 
 # ----------------------------------------------------------------------------- files

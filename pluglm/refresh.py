@@ -198,14 +198,16 @@ def _encode_all(job: _Job) -> None:
             job.keys = alloc(M, k.shape[1], dtype=job.key_dtype or table_dtype(k.dtype),
                              device=job.memory_device)
             if v is not None:
+                # the value table's home (the host when values are placed there: docs/design.md,
+                # "Placement"), not the keys' device
                 job.values = alloc(M, v.shape[1], dtype=job.value_dtype or table_dtype(v.dtype),
-                                   device=job.memory_device)
+                                   device=s.row_device)
             job.allocations += 1
         idx = r.to(job.memory_device)
         job.keys.index_copy_(0, idx, k.detach().to(device=job.memory_device, dtype=job.keys.dtype))
         if v is not None:
-            job.values.index_copy_(0, idx, v.detach().to(device=job.memory_device,
-                                                         dtype=job.values.dtype))
+            job.values.index_copy_(0, r.to(job.values.device), v.detach().to(
+                device=job.values.device, dtype=job.values.dtype))
         del k, v, tok, mask
         if cuda:
             ev = torch.cuda.Event()

@@ -59,6 +59,7 @@ from .distributed import fetch_rows, load_shard, rank_world, save_local_shard, s
     sharded_search
 from .memory import KnowledgeMemory, MemoryFormatError, MemorySnapshot
 from .memory.snapshot import finite_rows
+from .memory.tokenize import widen_tokens
 
 FORMAT_NAME = "pluglm.sharded_knowledge_memory"
 FORMAT_VERSION = 1
@@ -338,7 +339,7 @@ class ShardedKnowledgeMemory:
         width = snap.token_ids.shape[1]
         if trim and idx.numel():
             width = int(lengths.max())
-        return tok[..., :width].to(dtype), snap.attention_mask(lengths, width)
+        return widen_tokens(tok[..., :width], dtype), snap.attention_mask(lengths, width)
 
     def _lookup(self, ids, fn, group):
         """Collective: nested lists shaped like ``ids`` of fn(snapshot, local row), -1 -> None."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _backends, reference
 from . import _validate as V
 from . import ops  # noqa: F401  (registers torch.ops.pluglm.*)
 from ._validate import MAX_K  # noqa: F401  (re-exported as pluglm_kernels.MAX_K)
@@ -302,3 +303,65 @@ def encode_knowledge(token_ids, attention_mask, word_embeddings, position_embedd
         token_type_embeddings, ln_weight, ln_bias, w1.contiguous(), b1, w2.reshape(Hp),
         b2.reshape(1), None if token_type_ids is None else token_type_ids.contiguous(),
         float(eps), position_offset, backend)
+
+
+_GATHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8,
+                  torch.uint8, torch.int16, torch.uint16, torch.int32, torch.int64)
+
+
+def gather_rows(table: torch.Tensor, indices: torch.Tensor, *, backend: str = "auto"
+                ) -> torch.Tensor:
+    """Rows of a table for a device: table [M, C] rows ``indices`` [...] -> [..., C] on
+    indices' device (docs/design.md, "Placement").
+
+    The table may live elsewhere than the indices: with the table in pinned host memory and
+    the indices on a CUDA device, backend "triton" (what "auto" picks then) reads the rows
+    straight from host memory (zero-copy through unified addressing: no trip of the ids to
+    the host, no staging copy). "reference" gathers where the table is and copies. Under
+    TRITON_INTERPRET=1, "triton" runs on CPU tensors. The table's columns must be
+    contiguous (its rows may be strided); no gradient flows (memory tables are buffers).
+    Out-of-range indices raise ValueError in eager mode (a device-side check, no host sync,
+    when the table is not where the indices are)."""
+    V.tensor("table", table, ndim=2, dtypes=_GATHER_DTYPES)
+    V.tensor("indices", indices, dtypes=(torch.int64,))
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference' for gather_rows, "
+                         f"got {backend!r}")
+    M = table.shape[0]
+    if _eager() and indices.numel():
+        if indices.device == table.device or indices.device.type == "cpu":
+            lo, hi = int(indices.min()), int(indices.max())
+            if lo < 0 or hi >= M:
+                raise ValueError(f"indices must be in [0, {M}), got values in [{lo}, {hi}]")
+        else:
+            torch._assert_async(((indices >= 0) & (indices < M)).all(),
+                                f"gather_rows: indices must be in [0, {M})")
+    if backend == "auto":
+        uva = (indices.device.type == "cuda" and table.device.type == "cpu" and table.is_pinned())
+        backend = "triton" if uva and _backends.triton_status()[0] else "reference"
+    if backend == "reference":
+        return reference.gather_rows(table, indices)
+    ok, why = _backends.triton_status()
+    if not ok:
+        raise RuntimeError(f"gather_rows(backend='triton'): {why}")
+    dev = indices.device
+    if dev.type == "cuda":
+        if table.device != dev and not (table.device.type == "cpu" and table.is_pinned()):
+            raise ValueError(f"gather_rows(backend='triton') reads the table from {dev}: it must "
+                             f"be on that device or in pinned host memory, got {table.device}"
+                             f"{' (not pinned)' if table.device.type == 'cpu' else ''}")
+    elif not (dev.type == "cpu" and table.device.type == "cpu" and _backends.triton_interpret()):
+        raise ValueError(f"gather_rows(backend='triton') needs CUDA indices (or CPU tensors "
+                         f"under TRITON_INTERPRET=1), got indices on {dev}")
+    if table.shape[1] > 1 and table.stride(1) != 1:
+        raise ValueError("table must have contiguous columns (stride 1) for backend='triton'")
+    from .triton.gather_rows import gather_rows_fwd
+
+    # bit-exact copies: Triton pointers of some dtypes (uint16, bool) are not all supported
+    src, dt = table, table.dtype
+    if dt == torch.uint16:
+        src = table.view(torch.int16)
+    flat = indices.reshape(-1).contiguous()
+    out = torch.empty(flat.numel(), table.shape[1], dtype=src.dtype, device=dev)
+    gather_rows_fwd(src, flat, out)
+    return out.view(dt).view(*indices.shape, table.shape[1])

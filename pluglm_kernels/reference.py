@@ -23,6 +23,13 @@ def dequantize_keys(keys: torch.Tensor, key_scales: torch.Tensor | None, dtype: 
     return keys.to(dtype)
 
 
+def gather_rows(table, indices):
+    """table [M, ...] rows ``indices`` [...] -> [..., ...] on indices' device."""
+    idx = indices.reshape(-1).to(table.device)
+    rows = table.index_select(0, idx).to(indices.device)
+    return rows.view(*indices.shape, *table.shape[1:])
+
+
 def mips_topk(queries, keys, k, key_scales=None, valid=None):
     """Exact top-k inner product, scored in float64 block by block.
 

@@ -113,6 +113,22 @@ def random_sentences(n: int, seed: int = 0, max_words: int = 12):
         yield " ".join(rng.choice(SMALL_WORDS) for _ in range(rng.randint(2, max_words))) + "."
 
 
+class MeanPoolEncoder(torch.nn.Module):
+    """A tiny deterministic knowledge encoder for memory tests: mean-pooled embeddings
+    projected to (key, value). Weights come from a fixed seed so two instances agree."""
+
+    def __init__(self, vocab, key_dim=8, d=12):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.k = torch.nn.Linear(d, key_dim)
+        self.v = torch.nn.Linear(d, d)
+
+    def encode_memory(self, ids, mask):
+        h = (self.emb(ids) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return self.k(h), self.v(h)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out64, ref64 = out.detach().to(torch.float64), ref.detach().to(torch.float64)
     denom = ref64.norm().item()

@@ -342,6 +342,23 @@ def cases(subset: str):
             tek.attentive_pool_bwd(E((Edocs, D), dt), h, mask, u, w2, alpha)
         out.append((f"encode {short[dt]} D={D} ids={str(idt)[6:]}"
                     f"{' tt' if has_tt else ''} off={off}", encode))
+
+    # ---- row gather (zero-copy reads of host tables): B*N = 1280 rows of a 1e6-row table
+    # (dtype, columns, row stride): values of width 768 / 1024, a column slice of a token table
+    i16, i32 = torch.int16, torch.int32
+    short.update({i16: "int16", i32: "int32"})
+    if subset == "full":
+        gat = [(dt, C, C) for dt in (f32, f16, bf16) for C in (768, 1024, 4096)]
+        gat += [(dt, w, 128) for dt in (i16, i32) for w in (17, 128)]
+    else:
+        gat = [(f32, 768, 768), (bf16, 1024, 1024), (i16, 17, 128), (i32, 128, 128)]
+    for dt, C, stride in gat:
+        def gather(dt=dt, C=C, stride=stride):
+            from pluglm_kernels.triton.gather_rows import gather_rows_fwd
+
+            table = E((1_000_000, stride), dt)[:, :C]
+            gather_rows_fwd(table, E((1280,), torch.int64), E((1280, C), dt))
+        out.append((f"gather {short[dt]} C={C} stride={stride}", gather))
     return out
 
 

@@ -9,6 +9,10 @@
 // with each query's current k-th best, so almost every tile is discarded without leaving
 // registers. At the end the per-thread heaps are merged and sorted by (score desc, index
 // asc). Extra memory: per thread one key block (<= ~256 KB) + heaps [B, k]; never O(M).
+// B = 1 on AVX-512 skips the block buffer: scan_b1_avx512 widens each key row in registers
+// and scores 16 rows per step: a search that reads every key once is bandwidth-bound only
+// if a row's work (~7 ns per thread for 128 int8 columns here) stays below the ~11 ns a
+// 132-byte row takes to arrive at ~12 GB/s.
 //
 // Determinism. Every score is the same sequence of fused multiply-adds over c = 0..d-1 (for
 // B <= 4, 16 strided chains and a fixed horizontal sum) whatever the partition, block or
@@ -72,6 +76,7 @@ struct Impl {
   int nr;  // keys per kernel call
   ConvertFn convert;
   bool q_rows = false;  // queries packed [CW][d] (dot-product kernels), not [d][CW]
+  bool scan_b1 = false;  // B = 1 on AVX-512: scan_b1_avx512 reads the key rows in place
 };
 
 template <int CW, int NR>
@@ -243,6 +248,160 @@ __attribute__((target("avx512f"))) void convert_avx512(const void* src, KeyType 
   }
 }
 
+// ------------------------------------------------------- B = 1: keys read in place
+//
+// One query scans a partition's key rows straight from the table: each 16-column piece of a
+// row is widened to float32 in registers (int8: sign-extend + convert; bf16: shift; f16:
+// vcvtph2ps) and fused-multiply-added with the query, 16 rows at a time; the 16 partial-sum
+// vectors are reduced to one vector of 16 row scores by a transpose-add tree, int8 rows
+// take their scales there (one multiply per 16 rows), and one compare against the
+// threshold decides whether any of the 16 rows needs the heap. The blocked path above
+// instead converted every row into a float32 buffer and reduced each row on its own: at
+// B = 1 that store, reload and per-row reduction bound int8 keys to ~1/3 of the read
+// bandwidth (benchmarks/NOTES.md, issue 14). A score is sum_c q_c k_c in 16 strided FMA
+// chains over c (int8: of the integer values, then times the row's scale) and a fixed
+// reduction order, so it depends only on the row: thread-count independence and exact ties
+// of copies hold as before.
+
+template <KeyType KT>
+struct RowLoad;
+
+template <>
+struct RowLoad<KeyType::F32> {
+  using T = float;
+  static __attribute__((target("avx512f,avx512bw,avx512vl"))) __m512 full(const T* p) {
+    return _mm512_loadu_ps(p);
+  }
+  static __attribute__((target("avx512f,avx512bw,avx512vl"))) __m512 part(const T* p,
+                                                                         __mmask16 m) {
+    return _mm512_maskz_loadu_ps(m, p);
+  }
+};
+
+template <>
+struct RowLoad<KeyType::BF16> {
+  using T = uint16_t;
+  static __attribute__((target("avx512f,avx512bw,avx512vl"))) __m512 widen(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static __attribute__((target("avx512f,avx512bw,avx512vl"))) __m512 full(const T* p) {
+    return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static __attribute__((target("avx512f,avx512bw,avx512vl"))) __m512 part(const T* p,
+                                                                         __mmask16 m) {
+    return widen(_mm256_maskz_loadu_epi16(m, p));
+  }
+};
+
+template <>
+struct RowLoad<KeyType::F16> {
+  using T = uint16_t;
+  static __attribute__((target("avx512f,avx512bw,avx512vl"))) __m512 full(const T* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static __attribute__((target("avx512f,avx512bw,avx512vl"))) __m512 part(const T* p,
+                                                                         __mmask16 m) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  }
+};
+
+template <>
+struct RowLoad<KeyType::I8> {
+  using T = int8_t;
+  static __attribute__((target("avx512f,avx512bw,avx512vl"))) __m512 full(const T* p) {
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static __attribute__((target("avx512f,avx512bw,avx512vl"))) __m512 part(const T* p,
+                                                                         __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+  }
+};
+
+// 16 vectors -> one vector whose lane r is the sum of v[r]'s lanes, for v[] given in the
+// order kReduceOrder (the tree below leaves row kReduceOrder[L] in lane L; that order is a
+// 4x4 transpose, its own inverse).
+constexpr int kReduceOrder[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+
+__attribute__((target("avx512f"), always_inline)) inline __m512 reduce16(const __m512* acc) {
+  __m512 w[8], y[4], u[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    const __m512 a = acc[kReduceOrder[2 * i]], b = acc[kReduceOrder[2 * i + 1]];
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(y[2 * i], y[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(y[2 * i], y[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Scores rows [m_begin, m_end) against the one query q [d] into heap h; thr is the heap's
+// threshold (-inf until it holds k rows). zero_row: d zero elements, read in place of the
+// rows past m_end in the last group of 16.
+template <KeyType KT, typename Heap>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void scan_b1_avx512(
+    const void* keys_v, const float* scales, const bool* vmask, int64_t d, int64_t m_begin,
+    int64_t m_end, const float* q, const void* zero_row_v, Heap& h, float& thr) {
+  using L = RowLoad<KT>;
+  using T = typename L::T;
+  const T* keys = static_cast<const T*>(keys_v);
+  const T* zero_row = static_cast<const T*>(zero_row_v);
+  const int64_t d_full = d / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (d - d_full)) - 1u);
+  // Software prefetch ~4 KB ahead of the group being read. Measured (1 thread, M = 1e6,
+  // d = 128): int8 18.2 -> 13.6 ms, bf16 26.5 -> 22.8 ms; 1 KB or 16 KB ahead: the same.
+  const int64_t ahead = std::max<int64_t>(16, 4096 / (d * static_cast<int64_t>(sizeof(T))));
+  for (int64_t j0 = m_begin; j0 < m_end; j0 += 16) {
+    const int64_t nr = std::min<int64_t>(16, m_end - j0);
+    const T* row[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) row[r] = r < nr ? keys + (j0 + r) * d : zero_row;
+    if (j0 + ahead < m_end) {
+      const char* pf = reinterpret_cast<const char*>(keys + (j0 + ahead) * d);
+      const int64_t pf_bytes = std::min<int64_t>(16, m_end - j0 - ahead) * d *
+                               static_cast<int64_t>(sizeof(T));
+      for (int64_t off = 0; off < pf_bytes; off += 64) _mm_prefetch(pf + off, _MM_HINT_T0);
+    }
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c < d_full; c += 16) {
+      const __m512 qv = _mm512_loadu_ps(q + c);
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) acc[r] = _mm512_fmadd_ps(qv, L::full(row[r] + c), acc[r]);
+    }
+    if (tail) {
+      const __m512 qv = _mm512_maskz_loadu_ps(tail, q + c);
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r)
+        acc[r] = _mm512_fmadd_ps(qv, L::part(row[r] + c, tail), acc[r]);
+    }
+    const __mmask16 live = static_cast<__mmask16>((1u << nr) - 1u);
+    __m512 s = reduce16(acc);
+    if constexpr (KT == KeyType::I8) s = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(live, scales + j0));
+    __mmask16 hit = _mm512_mask_cmp_ps_mask(live, s, _mm512_set1_ps(thr), _CMP_GE_OQ);
+    if (!hit) continue;
+    alignas(64) float sv[16];
+    _mm512_store_ps(sv, s);
+    while (hit) {
+      const int r = __builtin_ctz(hit);
+      hit &= static_cast<__mmask16>(hit - 1);
+      const int64_t j = j0 + r;
+      if (vmask && !vmask[j]) continue;
+      if (sv[r] >= thr) thr = h.push(sv[r], j);
+    }
+  }
+}
+
 template <int NV, int NR>
 __attribute__((target("avx2,fma"))) bool kernel_avx2(const float* qt, const float* rows,
                                                      int64_t ld, int64_t d, const float* thr,
@@ -324,7 +483,7 @@ Impl pick_impl(int64_t B) {
   const Isa isa = active_isa();
 #ifdef PLUGLM_X86
   if (isa == Isa::Avx512) {
-    if (B == 1) return {&kernel_dot_avx512<1, 8>, 1, 8, &convert_avx512, true};
+    if (B == 1) return {&kernel_dot_avx512<1, 8>, 1, 8, &convert_avx512, true, true};
     if (B == 2) return {&kernel_dot_avx512<2, 8>, 2, 8, &convert_avx512, true};
     if (B <= 4) return {&kernel_dot_avx512<4, 4>, 4, 4, &convert_avx512, true};
     if (B <= 16) return {&kernel_avx512<1, 24>, 16, 24, &convert_avx512};
@@ -525,6 +684,20 @@ std::tuple<at::Tensor, at::Tensor> mips_topk_cpu(const at::Tensor& queries, cons
 
       const int64_t m_begin = std::min(M, p * part_len);
       const int64_t m_end = std::min(M, m_begin + part_len);
+#ifdef PLUGLM_X86
+      if (impl.scan_b1) {
+        HeapRef h{P.hs.data(), P.hi.data(), P.hn.data(), k};
+        float t = P.thr[0];
+        const std::vector<char> zero_row(static_cast<size_t>(d * esz), 0);
+        const auto scan = kt == KeyType::F32    ? &scan_b1_avx512<KeyType::F32, HeapRef>
+                          : kt == KeyType::F16  ? &scan_b1_avx512<KeyType::F16, HeapRef>
+                          : kt == KeyType::BF16 ? &scan_b1_avx512<KeyType::BF16, HeapRef>
+                                                : &scan_b1_avx512<KeyType::I8, HeapRef>;
+        scan(kbase, scales, vmask, d, m_begin, m_end, qt.data(), zero_row.data(), h, t);
+        P.thr[0] = t;
+        continue;
+      }
+#endif
       for (int64_t j0 = m_begin; j0 < m_end; j0 += kb) {
         const int64_t nb = std::min(kb, m_end - j0);
         const int64_t nb_pad = (nb + NR - 1) / NR * NR;

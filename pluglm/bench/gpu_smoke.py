@@ -450,6 +450,14 @@ def cmd_bench(args) -> int:
     torch.manual_seed(0)
     doc = {"machine": machine_info(device), "config": asdict(cfg), "rows": [], "groups": [],
            "note": "pluglm bench --quick, written after each group (benchmarks/gpu_suite.sh)"}
+    if args.append:  # keep what an earlier stage wrote there (the headline hook's rows)
+        try:
+            old = json.loads(Path(args.out).read_text())
+        except (OSError, ValueError):
+            old = {}
+        if isinstance(old, dict):
+            doc = {**old, **doc, "rows": list(old.get("rows", [])),
+                   "groups": list(old.get("groups", []))}
     _write_json(args.out, doc)
     status = 0
     groups = bench_groups(cfg)
@@ -500,6 +508,8 @@ def main(argv=None) -> int:
             s.add_argument("--append", action="store_true", help="add to an existing file")
         if name == "bench":
             s.add_argument("--max-groups", type=int, default=None)
+            s.add_argument("--append", action="store_true",
+                           help="keep the rows already in the file and add to them")
             s.add_argument("--only", default=None, help="regex on group names")
             s.add_argument("--min-group-s", type=float, default=10.0,
                            help="start no group with less time than this left")

@@ -10,7 +10,14 @@ Per M (synthetic entries, d = 128 keys, 128-token int16 entries, no value table)
 - each search row's ``pct_roofline``: its time against the ceiling that bounds it — the
   bytes of keys it must read over the measured memory read bandwidth, or its 2·B·M·d flops
   over the measured float32 GEMM rate, whichever takes longer. Both ceilings are measured
-  in the same run (``measure_ceilings``).
+  in the same run (``measure_ceilings``);
+- int8 / bf16 / fp16 recall against float32 on real sentence embeddings, and the ANN
+  baselines (faiss IVF, HNSW; two operating points each) against our exact search on
+  clustered anisotropic synthetic keys, isotropic ones and the real embeddings: recall@5/@10
+  and single-query latency (``bench_ann``);
+- the cost of a memory: a PlugLM-BERT-base forward against the dense one, and one memory
+  layer against the dense FFN, each pair timed in alternating calls (``cost_pair_rows``,
+  also the GPU suite's headline, ``pluglm.bench.headline``).
 Rows are the quick sweep's (``pluglm.bench.common.Row``).
 """
 from __future__ import annotations
@@ -52,12 +59,21 @@ class LargeConfig:
     cost_Ms: tuple = (1_000_000, 10_000_000)  # the cost-of-a-memory case (empty: skip)
     cost_Bs: tuple = (1, 8)
     recall_entries: int = 2000  # real sentence embeddings for the int8 recall case (0: skip)
+    # ANN baselines (faiss IVF / HNSW) against exact search on clustered, anisotropic and on
+    # isotropic synthetic keys of these sizes, and on the real embeddings above (empty:
+    # skip; `make` sets 2e5: a faiss HNSW build of 1e6 keys takes many minutes here)
+    ann_Ms: tuple = ()
+    ann_queries: int = 256
+    ann_clusters: int = 256
+    cost_rounds: int = 9  # interleaved PlugLM / dense calls per cost-of-a-memory pair
+    cost_geometry: tuple = ()  # BertConfig overrides, e.g. (("hidden_size", 64), ...); () = base
 
     @classmethod
     def make(cls, max_m: int | None, work_dir: str) -> "LargeConfig":
         Ms = tuple(m for m in LARGE_MS if max_m is None or m <= max_m) or (int(max_m),)
         cost = tuple(m for m in (1_000_000, 10_000_000) if max_m is None or m <= max_m)
-        return cls(Ms=Ms, work_dir=work_dir, cost_Ms=cost)
+        ann = tuple(m for m in (200_000,) if max_m is None or m <= max_m) or (int(max_m),)
+        return cls(Ms=Ms, work_dir=work_dir, cost_Ms=cost, ann_Ms=ann)
 
 
 def measure_ceilings(nbytes: int = 1 << 30) -> dict:
@@ -203,11 +219,12 @@ def bench_search_dtypes(M: int, cfg: LargeConfig, ceil: dict, skip=(), log=print
     return rows
 
 
-def bench_recall_real(cfg: LargeConfig, log=print) -> list[Row]:
+def bench_recall_real(cfg: LargeConfig, log=print, ann: bool = True) -> list[Row]:
     """Search quality of compact keys on real sentence embeddings: all-MiniLM-L6-v2 keys of
     Python's own documentation (``pluglm demo``'s corpus, ``recall_entries`` entries of at
     most 32 tokens), queried with the documented names (``json.dumps``, ...); recall@k of
-    int8 / bfloat16 / float16 keys against float32 exact search."""
+    int8 / bfloat16 / float16 keys against float32 exact search; with ``ann``, the ANN
+    baselines on the same float32 keys and queries (``bench_ann``, keys="real")."""
     from ..cli.demo import corpus
     from ..encoders import EncoderUnavailable, SentenceEncoder
     from ..memory import KnowledgeMemory
@@ -243,6 +260,116 @@ def bench_recall_real(cfg: LargeConfig, log=print) -> list[Row]:
                 note="all-MiniLM-L6-v2 keys of Python's documentation",
                 extra={"recall_at_k": round(hits / exact.numel(), 4),
                        "encode_s": round(enc_s, 1)}))
+    if ann:
+        rows += bench_ann(mem.snapshot().float_keys(), queries, "real", cfg, log)
+    return rows
+
+
+def clustered_keys(M: int, d: int, n_queries: int, *, clusters: int = 256, seed: int = 0,
+                   chunk: int = 250_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clustered, anisotropic synthetic keys [M, d] float32 and queries [n_queries, d] near
+    them: a Gaussian mixture of ``clusters`` centres of unequal sizes, the centres and the
+    within-cluster noise both drawn with a decaying spectrum (standard deviation of
+    principal direction i proportional to (i + 1)^-0.75), rotated by one random orthogonal
+    matrix; each query is a random key plus noise of a quarter of the within-cluster spread.
+    Sentence embeddings look like this (a few hundred topics, most variance in a few
+    directions), isotropic random keys do not: on those no index can do better than chance."""
+    g = torch.Generator().manual_seed(seed)
+    rot = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+    spec = torch.arange(1, d + 1, dtype=torch.float32) ** -0.75
+    centres = torch.randn(clusters, d, generator=g) * spec * 2.0
+    sizes = 1.0 / torch.arange(1, clusters + 1, dtype=torch.float32) ** 0.5
+    keys = torch.empty(M, d)
+    for a in range(0, M, chunk):
+        n = min(chunk, M - a)
+        which = torch.multinomial(sizes, n, replacement=True, generator=g)
+        keys[a:a + n] = (centres[which] + torch.randn(n, d, generator=g) * spec * 0.5) @ rot.T
+    pick = torch.randint(0, M, (n_queries,), generator=g)
+    queries = keys[pick] + (torch.randn(n_queries, d, generator=g) * spec * 0.125) @ rot.T
+    return keys, queries
+
+
+# (label, kind, search-time parameter): two operating points per index
+ANN_IMPLS = (("faiss.IVFFlat(nprobe=16)", "ivf", 16), ("faiss.IVFFlat(nprobe=64)", "ivf", 64),
+             ("faiss.HNSW32(ef=64)", "hnsw", 64), ("faiss.HNSW32(ef=256)", "hnsw", 256))
+
+
+def _build_ann(kind: str, x, faiss):
+    """(index, build seconds): IVF-Flat with ~4 sqrt(M) lists (at least 39 training rows
+    each), trained on <= 40 rows per list; HNSW with 32 links, efConstruction 40. Inner
+    product throughout (the quick sweep's baselines, pluglm.bench.sweep)."""
+    M, d = x.shape
+    t0 = time.perf_counter()
+    if kind == "ivf":
+        nlist = max(1, min(max(16, int(4 * M ** 0.5)), M // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(x[torch.randperm(M)[: min(M, 40 * nlist)].numpy()])
+    else:
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 40
+    index.add(x)
+    return index, time.perf_counter() - t0
+
+
+def bench_ann(keys: torch.Tensor, queries: torch.Tensor, dist: str, cfg: LargeConfig,
+              log=print) -> list[Row]:
+    """faiss IVF / HNSW against our exact search on keys [M, d] float32: recall@5 and @10
+    over all ``queries`` (against exact top-k), and single-query (B = 1) latency of each
+    index and of ``pluglm_kernels.mips_topk``, medians over the queries taken in turn."""
+    from ..topk import exact_topk
+
+    try:
+        import faiss
+    except ImportError:
+        log(f"ANN baselines on {dist} keys skipped: faiss is not installed")
+        return []
+    keys = keys.float().contiguous()
+    queries = queries.float().contiguous()
+    M, d = keys.shape
+    nq = queries.shape[0]
+    x, qn = keys.numpy(), queries.numpy()
+    exact = {k: exact_topk(queries, keys, k)[1] for k in (5, 10)}
+    rows: list[Row] = []
+
+    def single(search):
+        it = iter(range(1 << 62))
+        return lambda: search(next(it) % nq)
+
+    def add(label, k, search_one, search_all, build_s=None):
+        t, peak = _measure(single(search_one), min(cfg.budget_s, 1.0))
+        t_all = time_fn(search_all, "cpu", warmup=0, min_repeats=1, max_repeats=1, budget_s=0)
+        found = torch.as_tensor(search_all())
+        hits = sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact[k]))
+        extra = {"recall_at_k": round(hits / exact[k].numel(), 4), "recall_queries": nq,
+                 "keys": dist, f"batch_{nq}_ms": round(t_all.median_ms, 2)}
+        if build_s is not None:
+            extra["build_s"] = round(build_s, 1)
+        rows.append(Row("ANN vs exact search", label, dict(M=M, d=d, B=1, k=k, dtype="float32",
+                        keys=dist), "cpu", t.median_ms, t.p20_ms, t.p80_ms, t.repeats,
+                        1.0 / (t.median_ms * 1e-3), "queries/s", peak, None, extra=extra))
+        log(f"ANN {dist:10s} M={M} k={k} {label:26s} recall {extra['recall_at_k']:.3f} "
+            f"B=1 {t.median_ms:.3f} ms")
+
+    for k in (5, 10):
+        add("pluglm mips_topk (exact)", k,
+            lambda i, k=k: exact_topk(queries[i:i + 1], keys, k),
+            lambda k=k: exact_topk(queries, keys, k)[1])
+    built: dict = {}
+    for label, kind, param in ANN_IMPLS:
+        if kind not in built:
+            built[kind] = _build_ann(kind, x, faiss)
+        index, build_s = built[kind]
+        if kind == "ivf":
+            index.nprobe = param
+        else:
+            index.hnsw.efSearch = param
+        for k in (5, 10):
+            if kind == "hnsw":
+                index.hnsw.efSearch = max(param, k)
+            add(label, k, lambda i, k=k, ix=index: ix.search(qn[i:i + 1], k),
+                lambda k=k, ix=index: ix.search(qn, k)[1], build_s)
+    del built
+    gc.collect()
     return rows
 
 
@@ -278,86 +405,125 @@ def synthetic_memory(M: int, key_dim: int, *, L: int = 128, vocab: int = 30522,
     return KnowledgeMemory(snap)
 
 
-def bench_cost_of_memory(cfg: LargeConfig, log=print) -> list[Row]:
-    """What a memory costs per forward pass: a PlugLM forward in BERT-base geometry (12 layers,
-    d = 768, the top FFN block a memory layer, T = 128) against the dense BERT-base forward
-    (transformers ``BertModel``, same geometry, every layer an FFN), and one memory layer
-    against the dense FFN it replaces; each PlugLM row carries ``extra.ratio_to_dense``."""
+def cost_models(geometry: dict | None = None, device="cpu", dtype=torch.float32):
+    """(dense BertModel, PlugLMModel) in BERT-base geometry (``geometry`` overrides
+    BertConfig fields, e.g. a tiny model for tests), eval mode, no pooler, same seed; the
+    PlugLM model's top FFN block is a memory layer reading 128-token entries."""
     from transformers import BertConfig, BertModel
 
     from ..configuration_pluglm import PlugLMConfig
     from ..modeling_pluglm import PlugLMModel
 
+    g = dict(geometry or {})
+    torch.manual_seed(0)
+    dense = BertModel(BertConfig(**g), add_pooling_layer=False).eval()
+    hidden = g.get("hidden_size", 768)
+    plug = PlugLMModel(PlugLMConfig(doc_max_length=128, memory_ffn_dim=hidden, **g),
+                       add_pooling_layer=False).eval()
+    return dense.to(device, dtype), plug.to(device, dtype)
+
+
+def cost_pair_rows(dense, plug, mem, B: int, T: int, *, device="cpu", rounds: int = 9,
+                   budget_s: float = 0.0, dense_rows: bool = True, shape_extra=None,
+                   kind: str = "", log=print) -> list[Row]:
+    """The cost of a memory at batch B: the PlugLM forward timed in alternation with the
+    dense forward, and its memory layer in alternation with the dense FFN sublayer it
+    replaces (``measure.time_interleaved``: same calls, same minutes, medians), so each
+    PlugLM row's ``extra.ratio_to_dense`` is a ratio of two medians of one interleaved
+    run. ``dense_rows``: also a row per dense case (its median from the same run)."""
+    from .measure import PeakMemory, time_interleaved
+
+    dev = torch.device(device)
+    dtype = next(plug.parameters()).dtype
+    hidden = dense.config.hidden_size
+    ids = torch.randint(1000, min(30000, dense.config.vocab_size), (B, T), device=dev)
+    mask = torch.ones(B, T, dtype=torch.long, device=dev)
+    h = torch.randn(B, T, hidden, device=dev, dtype=dtype)
+    ffn = dense.encoder.layer[-1]
+    layer = plug.memory_layers()[0]
+    plug.set_memory(mem)
+    reading = plug._reading_memory(mem)
+
+    @torch.no_grad()
+    def fd():
+        dense(input_ids=ids, attention_mask=mask)
+
+    @torch.no_grad()
+    def ff():  # the FFN sublayer the memory layer replaces: W2 gelu(W1 h) + LayerNorm
+        ffn.output(ffn.intermediate(h), h)
+
+    @torch.no_grad()
+    def fp():
+        plug(input_ids=ids, attention_mask=mask)
+
+    @torch.no_grad()
+    def fl():
+        layer(h, mask, reading)
+
+    def peak(fn):
+        with PeakMemory(dev) as pm:
+            fn()
+        return None if pm.peak_bytes is None else pm.peak_bytes / 2**20
+
+    rows: list[Row] = []
+    base = dict(B=B, T=T, **(shape_extra or {}))
+    for (name, fn), (dname, dfn), dshape in (
+            (("PlugLM forward (BERT-base)", fp), ("dense BERT-base forward", fd), dict(B=B, T=T)),
+            (("memory layer", fl), ("dense FFN sublayer", ff),
+             dict(B=B, T=T, d=hidden, d_ff=dense.config.intermediate_size))):
+        tp, td = time_interleaved([fn, dfn], dev, rounds=rounds, warmup=1, budget_s=budget_s)
+        ratio = tp.median_ms / td.median_ms
+        for lbl, t, shape, f, ex in (
+                (f"pluglm {name}: {kind}", tp, base, fn,
+                 {"ratio_to_dense": round(ratio, 3), "dense_median_ms": round(td.median_ms, 3),
+                  "timing": f"interleaved with {dname}, {tp.repeats} calls each"}),
+                (f"transformers BertModel: {dname}", td, dshape, dfn,
+                 {"timing": f"interleaved with the {name} row, {td.repeats} calls each"})):
+            if lbl.startswith("transformers") and not dense_rows:
+                continue
+            rows.append(Row("cost of a memory", lbl, dict(shape), str(dev.type), t.median_ms,
+                            t.p20_ms, t.p80_ms, t.repeats, B * T / (t.median_ms * 1e-3),
+                            "tokens/s", peak(f), extra=ex))
+        log(f"{name:28s} {base} {kind}: {tp.median_ms:.1f} ms vs {dname} {td.median_ms:.1f} ms "
+            f"= {ratio:.2f}x ({tp.repeats} interleaved calls each)")
+    plug.set_memory(None)
+    return rows
+
+
+def bench_cost_of_memory(cfg: LargeConfig, log=print) -> list[Row]:
+    """What a memory costs per forward pass: a PlugLM forward in BERT-base geometry (12 layers,
+    d = 768, the top FFN block a memory layer, T = 128) against the dense BERT-base forward
+    (transformers ``BertModel``, same geometry, every layer an FFN), and one memory layer
+    against the dense FFN it replaces, each pair timed interleaved (``cost_pair_rows``);
+    each PlugLM row carries ``extra.ratio_to_dense``. The dense rows come from the pair of
+    the first memory kind at each B."""
+    geometry = dict(cfg.cost_geometry)
+    dense, plug = cost_models(geometry)
+    hidden = dense.config.hidden_size
+    key_dim = plug.config.key_dim
     rows: list[Row] = []
     T = 128
-    torch.manual_seed(0)
-    dense = BertModel(BertConfig(), add_pooling_layer=False).eval()
-    plug = PlugLMModel(PlugLMConfig(doc_max_length=128), add_pooling_layer=False).eval()
-    layer = plug.memory_layers()[0]
-    ffn = dense.encoder.layer[-1]
-    dense_ms: dict = {}
-    for B in cfg.cost_Bs:
-        ids = torch.randint(1000, 30000, (B, T))
-        mask = torch.ones(B, T, dtype=torch.long)
-
-        def fd():
-            with torch.no_grad():
-                dense(input_ids=ids, attention_mask=mask)
-
-        h = torch.randn(B, T, 768)
-
-        def ff():  # the FFN sublayer the memory layer replaces: W2 gelu(W1 h) + LayerNorm
-            with torch.no_grad():
-                ffn.output(ffn.intermediate(h), h)
-
-        for name, fn, shape in (("dense BERT-base forward", fd, dict(B=B, T=T)),
-                                ("dense FFN sublayer", ff, dict(B=B, T=T, d=768, d_ff=3072))):
-            t, peak = _measure(fn, cfg.budget_s)
-            dense_ms[(name, B)] = t.median_ms
-            rows.append(Row("cost of a memory", f"transformers BertModel: {name}", shape, "cpu",
-                            t.median_ms, t.p20_ms, t.p80_ms, t.repeats,
-                            B * T / (t.median_ms * 1e-3), "tokens/s", peak))
+    first = True
     for M in cfg.cost_Ms:
         for kdt, values in ((torch.int8, False), (torch.float32, False), (torch.float32, True)):
-            need = M * (128 * kdt.itemsize + 128 * 2 + (768 * 4 if values else 0))
+            need = M * (key_dim * kdt.itemsize + 128 * 2 + (hidden * 4 if values else 0))
             if need > mem_available() / 2:
                 log(f"cost of a memory, M={M}, {kdt} keys, values {values}: {need / 1e9:.1f} GB "
                     f"of tables skipped ({mem_available() / 1e9:.1f} GB available)")
                 continue
-            mem = synthetic_memory(M, 128, key_dtype=kdt, value_dim=768 if values else None)
-            plug.set_memory(mem)
-            kind = f"{str(kdt).replace('torch.', '')} keys, " + (
-                "stored values" if values else "values on demand")
+            mem = synthetic_memory(M, key_dim, key_dtype=kdt, vocab=dense.config.vocab_size,
+                                   value_dim=hidden if values else None)
+            dname = str(kdt).replace("torch.", "")
+            kind = f"{dname} keys, " + ("stored values" if values else "values on demand")
             for B in cfg.cost_Bs:
-                ids = torch.randint(1000, 30000, (B, T))
-                mask = torch.ones(B, T, dtype=torch.long)
-                h = torch.randn(B, T, 768)
-
-                def fp():
-                    with torch.no_grad():
-                        plug(input_ids=ids, attention_mask=mask)
-
-                def fl():
-                    with torch.no_grad():
-                        layer(h, mask, plug._reading_memory(mem))
-
-                for name, fn, dname in (("PlugLM forward (BERT-base)", fp, "dense BERT-base forward"),
-                                        ("memory layer", fl, "dense FFN sublayer")):
-                    t, peak = _measure(fn, cfg.budget_s)
-                    ratio = t.median_ms / dense_ms[(dname, B)]
-                    rows.append(Row("cost of a memory", f"pluglm {name}: {kind}", dict(
-                        M=M, B=B, T=T, dtype=str(kdt).replace("torch.", ""),
-                        values="stored" if values else "on demand"), "cpu", t.median_ms,
-                        t.p20_ms, t.p80_ms, t.repeats, B * T / (t.median_ms * 1e-3),
-                        "tokens/s", peak, extra={"ratio_to_dense": round(ratio, 3)}))
-                    log(f"{name:28s} M={M} B={B} {kind}: {t.median_ms:.1f} ms, "
-                        f"{ratio:.2f}x dense")
-            plug.set_memory(None)
+                rows += cost_pair_rows(
+                    dense, plug, mem, B, T, rounds=cfg.cost_rounds, budget_s=cfg.budget_s,
+                    dense_rows=first, kind=kind, log=log,
+                    shape_extra=dict(M=M, dtype=dname, values="stored" if values else "on demand"))
+            first = False
             del mem
             gc.collect()
     return rows
-
-
 
 
 def run_large(cfg: LargeConfig, show_progress: bool = True, log=print, partial=None) -> dict:
@@ -387,7 +553,16 @@ def run_large(cfg: LargeConfig, show_progress: bool = True, log=print, partial=N
                     f"pct={None if r.pct_roofline is None else round(r.pct_roofline, 1)} "
                     f"peak_mb={r.peak_mb}")
     if cfg.recall_entries:
-        rows += bench_recall_real(cfg, log)
+        rows += bench_recall_real(cfg, log, ann=bool(cfg.ann_Ms))
+    for M in cfg.ann_Ms:
+        keys, queries = clustered_keys(M, cfg.d, cfg.ann_queries, clusters=cfg.ann_clusters)
+        rows += bench_ann(keys, queries, "clustered", cfg, log)
+        gen = torch.Generator().manual_seed(M + 2)
+        keys, queries = torch.randn(M, cfg.d, generator=gen), torch.randn(cfg.ann_queries, cfg.d,
+                                                                          generator=gen)
+        rows += bench_ann(keys, queries, "isotropic", cfg, log)
+        del keys, queries
+        gc.collect()
     if cfg.cost_Ms:
         rows += bench_cost_of_memory(cfg, log)
     for r in rows[-40:]:
@@ -401,4 +576,4 @@ def run_large(cfg: LargeConfig, show_progress: bool = True, log=print, partial=N
             "rows": [asdict(r) for r in rows]}
 
 
-__all__ = ["LargeConfig", "measure_ceilings", "run_large"]
+__all__ = ["LargeConfig", "bench_ann", "clustered_keys", "measure_ceilings", "run_large"]

@@ -118,6 +118,40 @@ def time_fn(fn, device: torch.device | str = "cpu", *, warmup: int = 2, min_repe
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
 
 
+def time_interleaved(fns, device: torch.device | str = "cpu", *, rounds: int = 9,
+                     warmup: int = 1, budget_s: float = 0.0, max_rounds: int = 200) -> list[Timing]:
+    """Median and p20/p80 (ms) of each of ``fns``, timed in alternating calls: round r calls
+    every function once, in order on even rounds and in reverse on odd ones, so all of them
+    see the same machine (a shared machine's load changes by the minute: two cases timed
+    minutes apart are not comparable, two interleaved ones are). At least ``rounds`` rounds,
+    more while ``budget_s`` is not used up. CUDA: event timing of each call."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    t_start = time.perf_counter()
+    r = 0
+    while r < max_rounds and (r < rounds or time.perf_counter() - t_start < budget_s):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            if device.type == "cuda":
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[i]()
+                end.record()
+                end.synchronize()
+                times[i].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fns[i]()
+                times[i].append((time.perf_counter() - t0) * 1e3)
+        r += 1
+    return [Timing(statistics.median(t), _quantile(t, 0.2), _quantile(t, 0.8), len(t))
+            for t in times]
+
+
 def copy_bandwidth_gbs(device: torch.device | str, nbytes: int = 1 << 28) -> float:
     """Measured device-to-device copy bandwidth (read + write bytes per second), GB/s."""
     device = torch.device(device)

@@ -27,12 +27,13 @@ def table_rows(result: dict) -> list[list[str]]:
         out.append([r["bench"], _shape_str(r["shape"]), r["impl"], _fmt(r["median_ms"]),
                     f"{_fmt(r['p20_ms'])}-{_fmt(r['p80_ms'])}", f"{r['throughput']:.3g} {r['throughput_unit']}",
                     _fmt(r["peak_mb"]), _fmt(r["pct_roofline"]),
-                    _fmt(r.get("extra", {}).get("recall_at_k"))])
+                    _fmt(r.get("extra", {}).get("recall_at_k")),
+                    _fmt(r.get("extra", {}).get("ratio_to_dense"))])
     return out
 
 
 HEADERS = ["bench", "shape", "implementation", "median ms", "p20-p80 ms", "throughput",
-           "peak MB", "% roofline", "recall@k"]
+           "peak MB", "% roofline", "recall@k", "x dense"]
 
 
 def print_table(result: dict, console=None) -> None:

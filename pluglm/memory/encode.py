@@ -16,6 +16,7 @@ from torch import nn
 from pluglm_kernels import FLOAT_TABLE_DTYPES, quantize_keys
 
 from .snapshot import MemorySnapshot
+from .tokenize import widen_tokens
 
 
 def table_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,7 +50,7 @@ def length_batches(snap: MemorySnapshot, rows: torch.Tensor, batch_size: int, de
         r = rows[b0:b0 + batch_size]
         n = r.numel()
         Lb = int(lengths[b0:b0 + n].max())
-        tok = snap.token_ids[r.to(snap.device), :Lb].to(device=device, dtype=torch.long)  # [n, Lb]
+        tok = widen_tokens(snap.token_ids[r.to(snap.row_device), :Lb].to(device))  # [n, Lb] long
         mask = snap.attention_mask(lengths[b0:b0 + n].to(device), Lb)  # [n, Lb]
         yield b0, r, tok, mask
 

@@ -29,9 +29,10 @@ from pluglm_kernels import FLOAT_TABLE_DTYPES
 
 from .. import _io
 from .._version import __version__
+from .placement import ROW_TABLES, Placement
 from .snapshot import MemorySnapshot, TableLayout, finite_rows
 from .texts import TextTable
-from .tokenize import dtype_name
+from .tokenize import TOKEN_DTYPES, dtype_name, widen_tokens
 
 FORMAT_NAME = "pluglm.knowledge_memory"
 FORMAT_VERSION = 2
@@ -107,7 +108,7 @@ def write_manifest(tmp: Path, *, num_entries, num_valid, num_stale, max_length, 
 
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
               torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
-              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+              torch.uint16: "U16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 _CHUNK_BYTES = 64 << 20  # bounded write buffers: a save never holds a second copy of a table
 
 
@@ -210,7 +211,7 @@ def locate(path: str | os.PathLike) -> Path:
     return root
 
 
-def read_snapshot(root: Path, device: torch.device, mmap: bool, verify: bool) -> MemorySnapshot:
+def read_snapshot(root: Path, placement: Placement, mmap: bool, verify: bool) -> MemorySnapshot:
     mpath = root / MANIFEST_FILE
     if not mpath.is_file():
         raise FileNotFoundError(f"{mpath}: missing (not a saved KnowledgeMemory?)")
@@ -269,7 +270,9 @@ def read_snapshot(root: Path, device: torch.device, mmap: bool, verify: bool) ->
             want.add("key_scales")
     if value_dim is not None:
         want.add("values")
-    tensors = _read_tensors(tpath, want, device, mmap)
+    # split placement: read on the host, then each table to its home
+    tensors = _read_tensors(tpath, want, torch.device("cpu") if placement.split
+                            else placement.keys, mmap)
     for name, t in tensors.items():
         spec = specs.get(name)
         if not isinstance(spec, dict) or spec.get("dtype") != dtype_name(t.dtype) \
@@ -281,8 +284,9 @@ def read_snapshot(root: Path, device: torch.device, mmap: bool, verify: bool) ->
         return MemoryFormatError(f"{tpath}: {msg}")
 
     tok = tensors["token_ids"]
-    if tok.dim() != 2 or tok.shape[0] != M or tok.dtype not in (torch.int16, torch.int32):
-        raise bad(f"token_ids must be int16/int32 [{M}, L], got {tok.dtype} {list(tok.shape)}")
+    if tok.dim() != 2 or tok.shape[0] != M or tok.dtype not in TOKEN_DTYPES:
+        raise bad(f"token_ids must be int16/uint16/int32 [{M}, L], got {tok.dtype} "
+                  f"{list(tok.shape)}")
     for name, dt in (("lengths", torch.int32), ("valid", torch.bool), ("stale", torch.bool),
                      ("source_index", torch.int32)):
         t = tensors[name]
@@ -295,7 +299,7 @@ def read_snapshot(root: Path, device: torch.device, mmap: bool, verify: bool) ->
             raise bad(f"lengths must be in [1, {tok.shape[1]}]")
         if int(src.min()) < 0 or int(src.max()) >= len(sources):
             raise bad(f"source_index must be in [0, {len(sources)})")
-        if verify and (int(tok.min()) < 0 or int(tok.max()) >= vocab):
+        if verify and not _ids_in_range(tok, vocab):
             raise bad(f"token ids must be in [0, {vocab})")
     keys = tensors.get("keys")
     values = tensors.get("values")
@@ -313,12 +317,16 @@ def read_snapshot(root: Path, device: torch.device, mmap: bool, verify: bool) ->
     else:
         texts = _read_texts_v1(root / TEXTS_FILE_V1, M)
 
-    dev = device
-    mv = lambda t: None if t is None else t.to(dev)  # noqa: E731
-    stale = mv(tensors["stale"])
+    dev = placement.keys
+    mapped = {n for n in ROW_TABLES if n in tensors and mmap and placement.rows.type == "cpu"}
+
+    def mv(name, t):
+        return placement.place(name, t, mapped=name in mapped)
+
+    stale = mv("stale", tensors["stale"])
     if keys is None:
         stale = torch.ones(M, dtype=torch.bool, device=dev)
-    keys, values, scales = mv(keys), mv(values), mv(scales)
+    keys, values, scales = mv("keys", keys), mv("values", values), mv("key_scales", scales)
     stored_finite = tensors.get("finite")
     if stored_finite is not None and (stored_finite.dtype != torch.bool
                                       or list(stored_finite.shape) != [M]):
@@ -326,17 +334,26 @@ def read_snapshot(root: Path, device: torch.device, mmap: bool, verify: bool) ->
                   f"{list(stored_finite.shape)}")
     if stored_finite is not None and not verify:
         # trusted (the file is not verified anyway): no O(M * d) scan of the mapped tables
-        finite = mv(stored_finite)
+        finite = mv("finite", stored_finite)
     else:
-        finite = finite_rows(keys, M, dev) & finite_rows(values, M, dev)
+        finite = finite_rows(keys, M, dev) & finite_rows(values, M, dev).to(dev)
         if scales is not None:
             finite &= torch.isfinite(scales)
     return MemorySnapshot(
-        token_ids=mv(tok), lengths=mv(lengths), keys=keys, values=values, key_scales=scales,
-        valid=mv(tensors["valid"]), stale=stale, finite=finite, source_index=src,
-        sources=sources, texts=texts, rev=torch.arange(M, dtype=torch.int64),
+        token_ids=mv("token_ids", tok), lengths=mv("lengths", lengths), keys=keys, values=values,
+        key_scales=scales, valid=mv("valid", tensors["valid"]), stale=stale, finite=finite,
+        source_index=src, sources=sources, texts=texts, rev=torch.arange(M, dtype=torch.int64),
         version=version, vocab_size=vocab, tokenizer_name=str(tokinfo.get("name", "")),
-        pad_token_id=pad, max_length=max_length, layout=layout)
+        pad_token_id=pad, max_length=max_length, layout=layout, placement=placement,
+        mapped=frozenset(mapped))
+
+
+def _ids_in_range(tok: torch.Tensor, vocab: int) -> bool:
+    if tok.dtype != torch.uint16:
+        return int(tok.min()) >= 0 and int(tok.max()) < vocab
+    step = max(1, (16 << 20) // max(1, tok.shape[1]))  # torch has no uint16 min/max: widen in blocks
+    return all(int(widen_tokens(tok[a:a + step], torch.int32).max()) < vocab
+               for a in range(0, tok.shape[0], step))
 
 
 def _read_text_table(xpath: Path, offsets: torch.Tensor, M: int, mmap: bool, verify: bool

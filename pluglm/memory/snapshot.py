@@ -11,8 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
+from pluglm_kernels import gather_rows, triton_interpret, triton_status
+
 from ..topk import exact_topk
+from .placement import KEY_TABLES, ROW_TABLES, Placement, RowStager
 from .texts import TextTable
+from .tokenize import widen_tokens
 
 
 def as_ids(name: str, ids, M: int, device=None) -> torch.Tensor:
@@ -62,13 +66,15 @@ class MemorySnapshot:
     __slots__ = ("token_ids", "lengths", "keys", "values", "valid", "stale", "finite",
                  "source_index", "sources", "texts", "rev", "version", "vocab_size",
                  "tokenizer_name", "pad_token_id", "max_length", "searchable", "num_searchable",
-                 "num_valid", "key_rev", "key_scales", "layout", "__weakref__")
+                 "num_valid", "key_rev", "key_scales", "layout", "placement", "stager", "mapped",
+                 "__weakref__")
 
     def __init__(self, *, token_ids, lengths, keys, values, valid, stale, finite, source_index,
                  sources, texts, rev, version, vocab_size, tokenizer_name, pad_token_id, max_length,
-                 key_rev=None, key_scales=None, layout=None):
+                 key_rev=None, key_scales=None, layout=None, placement=None, stager=None,
+                 mapped=frozenset()):
         M = token_ids.shape[0]
-        self.token_ids = token_ids            # [M, L] int16/int32
+        self.token_ids = token_ids            # [M, L] int16/uint16/int32
         self.lengths = lengths                # [M] int32
         self.keys = keys                      # [M, key_dim] float or int8, or None
         # [M] float32 with int8 keys (key i ~= keys[i] * key_scales[i]), else None
@@ -97,8 +103,15 @@ class MemorySnapshot:
         self.tokenizer_name = tokenizer_name
         self.pad_token_id = int(pad_token_id)
         self.max_length = int(max_length)
+        # where the tables live (docs/design.md, "Placement"); default: all on token_ids'
+        # device, as a memory built in one place is
+        self.placement = placement if placement is not None else Placement(
+            valid.device, token_ids.device)
+        self.stager = stager if stager is not None else RowStager()
+        # names of the tables still backed by the memory-mapped file (never pinned)
+        self.mapped = frozenset(mapped)
         if keys is None:
-            self.searchable = torch.zeros(M, dtype=torch.bool, device=token_ids.device)
+            self.searchable = torch.zeros(M, dtype=torch.bool, device=valid.device)
         else:
             self.searchable = valid & ~stale & finite  # [M]
         self.num_searchable = int(self.searchable.sum()) if M else 0
@@ -108,9 +121,21 @@ class MemorySnapshot:
         fields = {n: getattr(self, n) for n in (
             "token_ids", "lengths", "keys", "values", "valid", "stale", "finite", "source_index",
             "sources", "texts", "rev", "version", "vocab_size", "tokenizer_name", "pad_token_id",
-            "max_length", "key_rev", "key_scales", "layout")}
+            "max_length", "key_rev", "key_scales", "layout", "placement", "stager")}
         fields["version"] = self.version + 1
         fields.update(changes)
+        # a table a mutation rebuilt goes to its home (pinned if asked); one it kept stays
+        pl = fields["placement"]
+        mapped = set()
+        for name in KEY_TABLES + ROW_TABLES:
+            t = fields[name]
+            same = t is not None and t is getattr(self, name)
+            if same and name in self.mapped and t.device == (pl.rows if name in ROW_TABLES
+                                                             else pl.keys):
+                mapped.add(name)
+            fields[name] = pl.place(name, t, mapped=name in mapped, unchanged=same
+                                    and fields["placement"] == self.placement)
+        fields["mapped"] = frozenset(mapped)
         M = fields["token_ids"].shape[0]
         if "key_rev" not in changes and M != len(self):
             # rows were sliced or renumbered by the caller: every key counts as rewritten
@@ -124,6 +149,12 @@ class MemorySnapshot:
 
     @property
     def device(self) -> torch.device:
+        """Where search runs and every read returns its result: the keys' device."""
+        return self.valid.device
+
+    @property
+    def row_device(self) -> torch.device:
+        """Where the values, token ids and lengths live (the host with values="pinned")."""
         return self.token_ids.device
 
     @property
@@ -204,20 +235,80 @@ class MemorySnapshot:
             raise RuntimeError("this memory stores no values (values on demand, or its encoder "
                                "returned none): read it through a model, which re-encodes the "
                                "retrieved entries, or re-encode with store_values=True")
+        if self.placement.split:
+            if self._zero_copy("values"):
+                idx = self._device_ids(ids)
+                values = gather_rows(self.values, idx.reshape(-1), backend="triton")
+                return self.float_keys(idx), values.view(*idx.shape, -1)
+            idx_h, idx = self._split_ids(ids)
+            values = self.stager.gather("values", self.values, idx_h.reshape(-1), self.device)
+            return self.float_keys(idx), values.view(*idx.shape, -1)
         idx = as_ids("ids", ids, len(self), self.keys.device)
         return self.float_keys(idx), self.values[idx]
+
+    def _zero_copy(self, name: str) -> bool:
+        """Read table ``name`` with the zero-copy kernel: asked for, pinned in-memory rows
+        and a CUDA target (or, under TRITON_INTERPRET=1, host rows and a host target: the
+        same code path for tests)."""
+        t = getattr(self, name)
+        if not self.placement.zero_copy or name in self.mapped or t.device.type != "cpu" \
+                or not triton_status()[0]:
+            return False
+        if self.device.type == "cuda":
+            return t.is_pinned()
+        return self.device.type == "cpu" and triton_interpret()
+
+    def _device_ids(self, ids) -> torch.Tensor:
+        """ids -> int64 on the keys' device; ids already there are checked on the device
+        (by gather_rows: no host sync), others on the host."""
+        if isinstance(ids, torch.Tensor) and ids.device == self.device \
+                and ids.dtype == torch.int64 and self.device.type != "cpu":
+            return ids
+        return as_ids("ids", ids, len(self), self.device)
+
+    def _split_ids(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids -> (on the row device, on the keys' device), bounds-checked once. Ids that
+        a device search returned come to the host in one small copy ([B, N] int64): the
+        same host sync the bounds check of the one-device path makes."""
+        idx_h = as_ids("ids", ids, len(self), self.row_device)
+        if isinstance(ids, torch.Tensor) and ids.device == self.device and ids.dtype == torch.int64:
+            return idx_h, ids
+        return idx_h, idx_h.to(self.device, non_blocking=True)
 
     def token_ids_of(self, ids, *, dtype: torch.dtype = torch.long, trim: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [...] -> (token ids [..., L] in ``dtype``, attention mask [..., L] long), on
         the memory's device (for re-encoding retrieved entries with a live encoder).
         trim=True cuts L to the longest entry among ``ids``."""
+        if self.placement.split and self._zero_copy("token_ids"):
+            idx = self._device_ids(ids)
+            flat = idx.reshape(-1)
+            lengths = gather_rows(self.lengths.view(-1, 1), flat, backend="triton").view(-1)
+            width = self.token_ids.shape[1]
+            if trim and flat.numel():
+                width = int(lengths.max())  # one sync, as the one-device path makes
+            tok = gather_rows(self.token_ids[:, :width], flat, backend="triton")
+            shape = tuple(idx.shape)
+            return (widen_tokens(tok, dtype).view(*shape, width),
+                    self.attention_mask(lengths, width).view(*shape, width))
+        if self.placement.split:
+            idx_h, _ = self._split_ids(ids)
+            flat = idx_h.reshape(-1)
+            lengths_h = self.lengths.index_select(0, flat)
+            width = self.token_ids.shape[1]
+            if trim and flat.numel():
+                width = int(lengths_h.max())  # on the host: no device sync
+            tok = self.stager.gather("token_ids", self.token_ids[:, :width], flat, self.device)
+            lengths = lengths_h.to(self.device, non_blocking=True)
+            shape = tuple(idx_h.shape)
+            return (widen_tokens(tok, dtype).view(*shape, width),
+                    self.attention_mask(lengths, width).view(*shape, width))
         idx = as_ids("ids", ids, len(self), self.device)
         lengths = self.lengths[idx]
         width = self.token_ids.shape[1]
         if trim and idx.numel():
             width = int(lengths.max())
-        tok = self.token_ids[idx][..., :width].to(dtype)
+        tok = widen_tokens(self.token_ids[idx][..., :width], dtype)
         return tok, self.attention_mask(lengths, width)
 
     def texts_of(self, ids):

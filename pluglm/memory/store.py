@@ -4,7 +4,7 @@ An entry is one tokenised text chunk (at most ``max_length`` tokens, special tok
 included) with its original text span, a source name, and — once encoded — a key
 [key_dim] and optionally a value [d]. Tables (M entries, L = longest entry):
 
-  token_ids     [M, L] int16 (vocab <= 32768 ids) or int32, padded with the tokenizer's pad id
+  token_ids     [M, L] int16 (vocab <= 2**15), uint16 (<= 2**16) or int32, padded with the pad id
   lengths       [M]    int32, tokens per entry (attention mask = arange(L) < lengths)
   keys          [M, key_dim] float32/float16/bfloat16, None until ``encode``
   values        [M, d]       optional (whatever the encoder returns)
@@ -13,7 +13,9 @@ included) with its original text span, a source name, and — once encoded — a
   finite        [M]    bool, key and value rows are free of NaN/Inf
   source_index  [M]    int32 (CPU) into ``sources``, the distinct source names
   texts         M Python strings
-All device tables live on the memory's ``device``.
+Keys, key scales and the masks live on the memory's ``device`` (where search runs and reads
+return); values, token ids and lengths live there too unless ``place`` / ``load`` put them
+elsewhere, e.g. in pinned host memory (docs/design.md, "Placement").
 
 Search (``pluglm_kernels.mips_topk``) only returns *searchable* rows:
 ``valid & ~stale & finite``. (``stale`` is about an entry's *content*: its tokens changed
@@ -69,9 +71,10 @@ from ..index import FAISS_KINDS, import_faiss
 from .encode import check_encoded, encoder_device, length_batches, store_keys, table_dtype
 from .faiss_cache import FaissIndexCache, check_faiss_options
 from .files import locate, read_snapshot, save_snapshot
+from .placement import Placement, parse_device
 from .snapshot import MemorySnapshot, TableLayout, ValidationReport, as_ids, finite_rows
-from .tokenize import (check_sources, check_texts, pack, repad, token_dtype, tokenize,
-                       tokenizer_name_of, vocab_size_of)
+from .tokenize import (check_sources, check_texts, pack, repad, token_bits, token_dtype, tokenize,
+                       tokenizer_name_of, vocab_size_of, wider_token_dtype)
 
 
 class KnowledgeMemory:
@@ -173,10 +176,12 @@ class KnowledgeMemory:
             if has_v:
                 values = torch.cat([s.values.to(dev, vdt) if s.values is not None
                                     else torch.zeros(len(s), dv, dtype=vdt, device=dev) for s in snaps])
-        dtype = max((s.token_ids.dtype for s in snaps), key=lambda d: torch.iinfo(d).bits)
+        dtype = snaps[0].token_ids.dtype
+        for s in snaps[1:]:
+            dtype = wider_token_dtype(dtype, s.token_ids.dtype)
         width = max(s.token_ids.shape[1] for s in snaps)
         pad = first.pad_token_id
-        token_ids = torch.cat([repad(s.token_ids.to(dev), s.lengths.to(dev), width, pad, dtype)
+        token_ids = torch.cat([repad(s.token_ids.to(dev), s.lengths, width, pad, dtype)
                                for s in snaps])
         table: list[str] = []
         pos: dict[str, int] = {}
@@ -216,8 +221,47 @@ class KnowledgeMemory:
         mv = lambda t: None if t is None else t.to(dev)  # noqa: E731
         snap = s._replace(token_ids=mv(s.token_ids), lengths=mv(s.lengths), keys=mv(s.keys),
                           values=mv(s.values), valid=mv(s.valid), stale=mv(s.stale),
-                          finite=mv(s.finite), key_scales=mv(s.key_scales), version=s.version)
+                          finite=mv(s.finite), key_scales=mv(s.key_scales), version=s.version,
+                          placement=Placement(dev, dev))
         return KnowledgeMemory(snap, self._tokenizer)
+
+    def place(self, keys: str | torch.device | None = None,
+              values: str | torch.device | None = None, *, zero_copy: bool | None = None
+              ) -> "KnowledgeMemory":
+        """Move this memory's tables in place (docs/design.md, "Placement"); returns self.
+
+        keys: device of the keys, int8 key scales and the [M] masks — search runs there and
+        search / fetch / token_ids_of return there (``memory.device``). values: device of
+        the values, token ids and lengths, or ``"pinned"``: page-locked host memory, from
+        which reads copy only the retrieved rows (through a pinned staging buffer,
+        asynchronously) to the keys' device. None keeps a table group where it is.
+
+        Without CUDA, "pinned" keeps plain host memory (the read path is the same; see
+        ``placement``). Memory-mapped tables are never pinned: they stay mapped and only
+        the rows read are paged in. Ids, contents and ``version`` are unchanged. Raises
+        ValueError / TypeError naming ``keys`` or ``values`` for a bad device.
+
+        zero_copy=True (with values="pinned"): reads from a CUDA device let the
+        ``pluglm_kernels.gather_rows`` kernel read the retrieved rows straight from pinned
+        host memory (no trip of the ids to the host, no staging copy); mapped tables and
+        machines without CUDA/Triton keep the staged path. Compiled and interpreter-tested,
+        not yet measured on a GPU, hence off by default."""
+        with self._lock:
+            s = self._snap
+            pl = Placement.of(keys, values, zero_copy=zero_copy, base=s.placement)
+            if pl != s.placement:
+                self._snap = s._replace(placement=pl, version=s.version)
+        return self
+
+    @property
+    def placement(self) -> dict:
+        """{"keys": device, "values": device or "pinned", "pinned_pages": whether host row
+        tables are really page-locked (False without CUDA or for mapped tables)}."""
+        s = self._snap
+        d = s.placement.describe()
+        d["pinned_pages"] = bool(d["pinned_pages"] and s.values is not None
+                                 and "values" not in s.mapped and s.values.is_pinned())
+        return d
 
     def with_layout(self, key_dtype: torch.dtype | None = None,
                     value_dtype: torch.dtype | None = None, store_values: bool = True
@@ -334,7 +378,7 @@ class KnowledgeMemory:
 
     @property
     def token_ids(self) -> torch.Tensor:
-        """[M, L] int16/int32, padded with pad_token_id."""
+        """[M, L] int16/uint16/int32, padded with pad_token_id (uint16: widen before min/max)."""
         return self._snap.token_ids
 
     @property
@@ -553,7 +597,7 @@ class KnowledgeMemory:
             dev = s.device
             dtype = s.token_ids.dtype
             width = max(s.token_ids.shape[1], pad_new)
-            new_tok, new_len = pack(chunks.ids, width, s.pad_token_id, dtype, dev)
+            new_tok, new_len = pack(chunks.ids, width, s.pad_token_id, dtype, s.row_device)
             old_tok = (s.token_ids if width == s.token_ids.shape[1]
                        else repad(s.token_ids, s.lengths, width, s.pad_token_id, dtype))
             table = list(s.sources)
@@ -633,17 +677,18 @@ class KnowledgeMemory:
                 raise ValueError(f"ids must be entry ids in [0, {M})")
             dev = s.device
             idx_d = idx.to(dev)
+            idx_r = idx.to(s.row_device)
             if not bool(s.valid[idx_d].all()):
                 dead = idx[~s.valid[idx_d].cpu()].tolist()
                 raise ValueError(f"cannot update removed entries {dead[:10]} (add them instead)")
             width = max(s.token_ids.shape[1], max(len(x) for x in chunks.ids))
             dtype = s.token_ids.dtype
-            new_tok, new_len = pack(chunks.ids, width, s.pad_token_id, dtype, dev)
+            new_tok, new_len = pack(chunks.ids, width, s.pad_token_id, dtype, s.row_device)
             tok_t = repad(s.token_ids, s.lengths, width, s.pad_token_id, dtype) \
                 if width != s.token_ids.shape[1] else s.token_ids.clone()
-            tok_t[idx_d] = new_tok
+            token_bits(tok_t)[idx_r] = token_bits(new_tok)
             lengths = s.lengths.clone()
-            lengths[idx_d] = new_len
+            lengths[idx_r] = new_len
             stale = s.stale.clone()
             stale[idx_d] = True
             texts_new = s.texts.replace(idx.numpy(), chunks.texts)
@@ -687,15 +732,16 @@ class KnowledgeMemory:
             mapping = torch.full((M,), -1, dtype=torch.int64)
             kept = keep.nonzero().squeeze(1)
             mapping[kept] = torch.arange(kept.numel(), dtype=torch.int64)
-            lengths = s.lengths[keep_d]
+            keep_r = keep_d.to(s.row_device)
+            lengths = s.lengths[keep_r]
             width = int(lengths.max()) if lengths.numel() else 1
-            tok = s.token_ids[keep_d][:, :width].contiguous()
+            tok = s.token_ids[keep_r][:, :width].contiguous()
             src_old = s.source_index[keep]
             used = torch.unique(src_old).tolist() if src_old.numel() else []
             remap = torch.full((max(len(s.sources), 1),), -1, dtype=torch.int32)
             for new, old in enumerate(used):
                 remap[old] = new
-            sel = lambda t: None if t is None else t[keep_d].contiguous()  # noqa: E731
+            sel = lambda t: None if t is None else t[keep_d.to(t.device)].contiguous()  # noqa: E731
             self._snap = s._replace(
                 token_ids=tok, lengths=lengths, keys=sel(s.keys), values=sel(s.values),
                 key_scales=sel(s.key_scales),
@@ -754,9 +800,10 @@ class KnowledgeMemory:
                 n = r.numel()
                 first = None if keys_out is None else (
                     keys_out.shape[1], None if values_out is None else values_out.shape[1])
-                k, v = check_encoded(encoder.encode_memory(tok, mask), n, first)
-                if not layout.store_values:
-                    v = None
+                # values=False: a memory keeping no values does not check (or keep) them, so
+                # the batches after the first are not compared against an absent table
+                k, v = check_encoded(encoder.encode_memory(tok, mask), n, first,
+                                     values=layout.store_values)
                 if keys_out is None:
                     kdt = key_dtype or table_dtype(k.dtype)
                     keys_out = torch.empty(E, k.shape[1], dtype=kdt, device=s.device)
@@ -764,16 +811,18 @@ class KnowledgeMemory:
                         scales_out = torch.empty(E, dtype=torch.float32, device=s.device)
                     if v is not None:
                         vdt = layout.value_dtype or table_dtype(v.dtype)
-                        values_out = torch.empty(E, v.shape[1], dtype=vdt, device=s.device)
+                        values_out = torch.empty(E, v.shape[1], dtype=vdt, device=s.row_device)
                 order[b0:b0 + n] = r
                 k = k.detach().to(s.device)
-                finite_out[b0:b0 + n] = finite_rows(k, n, s.device) & finite_rows(v, n, s.device)
+                finite_out[b0:b0 + n] = (finite_rows(k, n, s.device)
+                                         & finite_rows(v, n, s.device).to(s.device))
                 kq, sc = store_keys(k, keys_out.dtype)
                 keys_out[b0:b0 + n] = kq
                 if sc is not None:
                     scales_out[b0:b0 + n] = sc
                 if v is not None:
-                    values_out[b0:b0 + n] = v.detach().to(device=s.device, dtype=values_out.dtype)
+                    values_out[b0:b0 + n] = v.detach().to(device=s.row_device,
+                                                          dtype=values_out.dtype)
                 bar.update(n)
             bar.close()
         finally:
@@ -810,7 +859,7 @@ class KnowledgeMemory:
         if not layout.store_values:
             values = None
         finite = finite_rows(keys, keys.shape[0], keys.device) & \
-            finite_rows(values, keys.shape[0], keys.device)
+            finite_rows(values, keys.shape[0], keys.device).to(keys.device)
         cur = self._snap.keys
         # an int8 table stays int8 (a refresher hands over float keys) even when int8 came
         # from encode(key_dtype=) rather than from the layout
@@ -818,7 +867,7 @@ class KnowledgeMemory:
                                    else table_dtype(keys.dtype))
         keys, scales = store_keys(keys.detach().to(s.device), kdt)
         if values is not None:
-            values = values.detach().to(device=s.device,
+            values = values.detach().to(device=s.row_device,
                                         dtype=layout.value_dtype or table_dtype(values.dtype))
         return self._commit(s, rows, keys, values, adopt=adopt, scales=scales, finite=finite)
 
@@ -831,7 +880,7 @@ class KnowledgeMemory:
         free of NaN/Inf before quantisation (default: computed from keys and values)."""
         finite_new = finite if finite is not None else (
             finite_rows(keys, keys.shape[0], keys.device)
-            & finite_rows(values, keys.shape[0], keys.device))  # [E]
+            & finite_rows(values, keys.shape[0], keys.device).to(keys.device))  # [E]
         with self._lock:
             s = self._snap
             M = len(s)
@@ -870,7 +919,8 @@ class KnowledgeMemory:
                 # in it, so they are stale until encoded.
                 new_keys = keys.new_zeros(M, keys.shape[1])
                 new_scales = None if scales is None else scales.new_ones(M)
-                new_values = None if values is None else values.new_zeros(M, values.shape[1])
+                new_values = None if values is None else values.new_zeros(
+                    M, values.shape[1], device=s.row_device)
                 stale = torch.ones(M, dtype=torch.bool, device=s.device)
                 finite = torch.ones(M, dtype=torch.bool, device=s.device)
                 key_rev = torch.full((M,), s.version + 1, dtype=torch.int64)
@@ -878,7 +928,8 @@ class KnowledgeMemory:
             if scales is not None:
                 new_scales[tgt] = scales[src]
             if values is not None:
-                new_values[tgt] = values[src]
+                new_values[tgt.to(new_values.device)] = values[src.to(values.device)].to(
+                    new_values.device)
             stale[tgt] = False
             finite[tgt] = finite_new[src].to(s.device)
             self._snap = s._replace(keys=new_keys, values=new_values, key_scales=new_scales,
@@ -911,7 +962,7 @@ class KnowledgeMemory:
             fk = finite_rows(s.keys, M, s.device)
             if s.key_scales is not None:
                 fk = fk & torch.isfinite(s.key_scales)
-            fv = finite_rows(s.values, M, s.device)
+            fv = finite_rows(s.values, M, s.device).to(s.device)
             live = s.valid & ~s.stale if s.keys is not None else torch.zeros_like(s.valid)
             if s.keys is not None and not torch.equal(fk & fv, s.finite):
                 self._snap = s._replace(finite=fk & fv)
@@ -942,16 +993,24 @@ class KnowledgeMemory:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", mmap: bool = True,
-             *, verify: bool = True) -> "KnowledgeMemory":
+             *, verify: bool = True, keys_device: str | torch.device | None = None,
+             values_device: str | torch.device | None = None) -> "KnowledgeMemory":
         """Read a memory saved by ``save``.
 
-        device: where the tables go. mmap=True maps the tensor file (CPU tables stay backed
+        device: where the tables go, unless ``keys_device`` (keys, key scales, masks: where
+        search runs) or ``values_device`` (values, token ids, lengths; ``"pinned"`` for
+        page-locked host memory) say otherwise — see :meth:`place`. With mmap=True, host
+        row tables stay mapped (never pinned). mmap=True maps the tensor file (CPU tables stay backed
         by it until a mutation copies them; the file can be replaced by a later save
         meanwhile); mmap=False reads it into memory. verify=True checks each file's sha256
         and every token id against the vocabulary (reads everything once); sizes, shapes,
         dtypes and the other index ranges are always checked.
         """
-        return cls(read_snapshot(locate(path), torch.device(device), mmap, verify))
+        dev = parse_device("device", device, allow_pinned=False)[0]
+        base = Placement(dev, dev)
+        placement = Placement.of(keys_device, values_device, base=base,
+                                 names=("keys_device", "values_device"))
+        return cls(read_snapshot(locate(path), placement, mmap, verify))
 
 
 def _cat_texts(tables):

@@ -2,8 +2,8 @@
 
 An entry is at most ``max_length`` tokens, special tokens included; a longer text becomes
 several entries whose bodies overlap by ``stride`` tokens, each keeping its own span of the
-text. ``pack``/``repad`` build the padded [M, L] token table (int16 when the vocabulary fits,
-else int32) and its lengths. See docs/design.md, "The memory".
+text. ``pack``/``repad`` build the padded [M, L] token table (int16 for up to 2**15 ids,
+uint16 up to 2**16, else int32) and its lengths. See docs/design.md, "The memory".
 """
 from __future__ import annotations
 
@@ -36,7 +36,38 @@ def dtype_name(dt: torch.dtype) -> str:
 
 
 def token_dtype(vocab_size: int) -> torch.dtype:
-    return torch.int16 if vocab_size <= 2**15 else torch.int32
+    """The narrowest token table dtype for a vocabulary: int16 up to 2**15 ids (as files
+    before uint16 have it), uint16 up to 2**16, else int32."""
+    if vocab_size <= 2**15:
+        return torch.int16
+    return torch.uint16 if vocab_size <= 2**16 else torch.int32
+
+
+TOKEN_DTYPES = (torch.int16, torch.uint16, torch.int32)
+
+
+def wider_token_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The token dtype holding every id of tables in ``a`` and ``b``."""
+    return a if TOKEN_DTYPES.index(a) >= TOKEN_DTYPES.index(b) else b
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    # torch implements few ops for uint16 (no masked_fill, index_put, min/max, compares):
+    # tables are built in int32 and cast once
+    return torch.int32 if dtype == torch.uint16 else dtype
+
+
+def widen_tokens(t: torch.Tensor, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Token ids in a table dtype -> ``dtype`` (int64 for embedding lookups). uint16 goes
+    through its int16 bits (and a mask), which every device's kernels handle."""
+    if t.dtype == torch.uint16:
+        return t.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF).to(dtype)
+    return t.to(dtype)
+
+
+def token_bits(t: torch.Tensor) -> torch.Tensor:
+    """A view of a token table that indexed writes (index_put) accept: uint16 as int16."""
+    return t.view(torch.int16) if t.dtype == torch.uint16 else t
 
 
 # ---------------------------------------------------------------------------- tokenising
@@ -180,23 +211,26 @@ def pack(ids: list[list[int]], width: int, pad: int, dtype: torch.dtype, device
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) > torch.iinfo(dtype).max):
         raise ValueError(f"token ids out of range for {dtype_name(dtype)} "
                          f"(min {int(flat.min())}, max {int(flat.max())})")
-    out = torch.full((n, width), pad, dtype=dtype)
-    out[torch.arange(width)[None, :] < lengths[:, None]] = flat.to(dtype)
-    return out.to(device), lengths.to(device)
+    work = _work_dtype(dtype)
+    out = torch.full((n, width), pad, dtype=work)
+    out[torch.arange(width)[None, :] < lengths[:, None]] = flat.to(work)
+    return out.to(dtype).to(device), lengths.to(device)
 
 
 def repad(token_ids: torch.Tensor, lengths: torch.Tensor, width: int, pad: int,
            dtype: torch.dtype) -> torch.Tensor:
     """[M, L] -> [M, width] (width >= max length) in dtype, pad id after each entry's end."""
     M, L = token_ids.shape
-    out = torch.full((M, width), pad, dtype=dtype, device=token_ids.device)
+    work = _work_dtype(dtype)
+    out = torch.full((M, width), pad, dtype=work, device=token_ids.device)
     w = min(L, width)
-    out[:, :w] = token_ids[:, :w].to(dtype)
+    out[:, :w] = widen_tokens(token_ids[:, :w], work)
     pos = torch.arange(width, device=token_ids.device)
-    out.masked_fill_(pos[None, :] >= lengths[:, None].to(pos.dtype), pad)
-    return out
+    out.masked_fill_(pos[None, :] >= lengths.to(token_ids.device)[:, None].to(pos.dtype), pad)
+    return out if work == dtype else out.to(dtype)
 
 
 
-__all__ = ["Chunks", "check_sources", "check_texts", "dtype_name", "pack", "repad",
-           "special_layout", "token_dtype", "tokenize", "tokenizer_name_of", "vocab_size_of"]
+__all__ = ["Chunks", "TOKEN_DTYPES", "check_sources", "check_texts", "dtype_name", "pack", "repad",
+           "special_layout", "token_bits", "token_dtype", "tokenize", "tokenizer_name_of",
+           "vocab_size_of", "widen_tokens", "wider_token_dtype"]

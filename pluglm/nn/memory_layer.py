@@ -469,6 +469,13 @@ class MemoryLayer(nn.Module):
             values = getattr(memory, "values", None)
             if not isinstance(values, torch.Tensor):
                 raise TypeError("precomputed tables need memory.values [M, dv]; this memory has none")
+            dev = getattr(memory, "device", values.device)
+            if isinstance(dev, torch.device) and values.device != dev:
+                # values placed on the host (docs/design.md, "Placement"): tables of 2·M·d
+                # would have to live where the search results are read
+                raise ValueError(f"precomputed tables need the values on the memory's device "
+                                 f"({dev}), they are on {values.device}: with values on the "
+                                 f"host, read them through fetch (release_tables())")
             with torch.inference_mode(False):  # the tables must be usable outside inference mode
                 tk, tv = self.knowledge_attention.project_tables(
                     values.detach(), dtype=self._table_dtype, chunk_size=self._table_chunk)

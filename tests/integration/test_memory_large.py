@@ -15,7 +15,8 @@ import torch
 from pluglm.memory import KnowledgeMemory, MemoryFormatError, build_memory
 from pluglm_kernels import quantize_keys
 
-from conftest import SMALL_WORDS, random_sentences, run_child_until_killed, wordpiece_tokenizer
+from conftest import (MeanPoolEncoder as Enc, SMALL_WORDS,
+                      random_sentences, run_child_until_killed, wordpiece_tokenizer)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,17 +31,6 @@ def gen_texts(n, seed=0):
     return random_sentences(n, seed, max_words=12)
 
 
-class Enc(torch.nn.Module):
-    def __init__(self, vocab, key_dim=8, d=12):
-        super().__init__()
-        torch.manual_seed(3)
-        self.emb = torch.nn.Embedding(vocab, d)
-        self.k = torch.nn.Linear(d, key_dim)
-        self.v = torch.nn.Linear(d, d)
-
-    def encode_memory(self, ids, mask):
-        h = (self.emb(ids) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return self.k(h), self.v(h)
 
 
 @pytest.mark.parametrize("kdt,store_values", [(torch.float32, True), (torch.int8, False),
@@ -184,3 +174,43 @@ def test_bench_large_rows(tmp_path):
     assert load["extra"]["bytes_per_entry"] > 16 * 2 + 128
     assert set(out["ceilings"]) == {"read_gbs", "copy_gbs", "gemm_f32_gflops"}
     assert not any((tmp_path / "w").iterdir())  # the memory is deleted when done
+
+
+def test_bench_large_ann_and_cost_rows(tmp_path):
+    """The ANN baselines on clustered and isotropic keys, and the cost-of-a-memory pairs timed
+    interleaved, at tiny sizes (a 2-layer d=64 model): rows in the sweep's schema, exact
+    search's recall 1, each PlugLM row's ratio the ratio of its own interleaved medians."""
+    pytest.importorskip("faiss")
+    from pluglm.bench.large import LargeConfig, clustered_keys, run_large
+
+    keys, queries = clustered_keys(500, 8, 5, clusters=4)
+    assert keys.shape == (500, 8) and queries.shape == (5, 8) and torch.isfinite(keys).all()
+    tiny = (("hidden_size", 32), ("num_hidden_layers", 2), ("num_attention_heads", 2),
+            ("intermediate_size", 64))
+    cfg = LargeConfig(Ms=(), work_dir=str(tmp_path / "w"), budget_s=0.01,
+                      ceiling_bytes=1 << 22, recall_entries=0, ann_Ms=(2000,), ann_queries=8,
+                      ann_clusters=8, cost_Ms=(300,), cost_Bs=(1,), cost_rounds=2,
+                      cost_geometry=tiny)
+    rows = run_large(cfg, show_progress=False, log=lambda *a: None)["rows"]
+    assert {r["bench"] for r in rows} == {"ANN vs exact search", "cost of a memory"}
+    for r in rows:
+        assert {"bench", "impl", "shape", "median_ms", "peak_mb", "pct_roofline"} <= set(r)
+        assert r["median_ms"] > 0
+    ann = [r for r in rows if r["bench"] == "ANN vs exact search"]
+    assert {r["shape"]["keys"] for r in ann} == {"clustered", "isotropic"}
+    assert {r["shape"]["k"] for r in ann} == {5, 10}
+    assert {r["impl"] for r in ann} >= {"pluglm mips_topk (exact)", "faiss.IVFFlat(nprobe=16)",
+                                        "faiss.HNSW32(ef=64)"}
+    for r in ann:
+        assert 0.0 <= r["extra"]["recall_at_k"] <= 1.0
+        if r["impl"] == "pluglm mips_topk (exact)":
+            assert r["extra"]["recall_at_k"] == 1.0
+    cost = [r for r in rows if r["bench"] == "cost of a memory"]
+    plug = [r for r in cost if r["impl"].startswith("pluglm")]
+    assert len(plug) == 2 * 3  # forward and memory layer x three memory kinds
+    assert sum(r["impl"].startswith("transformers") for r in cost) == 2
+    for r in plug:
+        ex = r["extra"]
+        assert ex["ratio_to_dense"] == pytest.approx(r["median_ms"] / ex["dense_median_ms"],
+                                                     rel=2e-3, abs=2e-3)
+        assert r["repeats"] == 2

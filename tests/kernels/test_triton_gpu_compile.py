@@ -25,7 +25,7 @@ ARCHS = (90, 80)
 KERNELS = {"_mips_stage1", "_ka_fwd_kernel", "_ka_bwd_kernel", "_ka_bwd_dq_kernel",
            "_embed_fwd_kernel",
            "_embed_bwd_kernel", "_scores_kernel", "_pool_kernel", "_pool_ds_kernel",
-           "_pool_dx_kernel", "_pool_du_kernel"}
+           "_pool_dx_kernel", "_pool_du_kernel", "_gather_rows_kernel"}
 # The largest attention tiles, which once needed more shared memory per block than the
 # card has (the launch would raise OutOfResources); each is pinned by a test below.
 KA_FWD_BIG = {("ka fwd f32 N=256 H=8 Dh=128 p=0.0", 90), ("ka fwd f32 N=256 H=8 Dh=128 p=0.0", 80)}

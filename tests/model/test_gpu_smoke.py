@@ -51,3 +51,30 @@ def test_smoke_command_writes_one_verdict_per_family(tmp_path, capsys):
     assert all(v == "PASS" for v in doc["families"].values())
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("SMOKE ")]
     assert len(lines) == len(gpu_smoke.FAMILIES)
+
+
+def test_headline_hook_appends_rows_in_place(tmp_path):
+    """benchmarks/gpu_headline.py (the suite's HEADLINE HOOK) at --dry-run: the tiny
+    cost-of-a-memory pairs on the CPU, appended to the existing bench.json, no other file
+    written; with no budget left every case is skipped, and nothing fails."""
+    import runpy
+    from pathlib import Path
+
+    hook = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_headline.py"
+    assert "benchmarks/gpu_headline.py" in (hook.parent / "gpu_suite.sh").read_text()
+    out = tmp_path / "bench.json"
+    out.write_text(json.dumps({"rows": [{"bench": "search"}], "groups": []}))
+    ns = runpy.run_path(str(hook))  # import-clean: defines main, runs nothing
+    assert ns["main"]([str(out), "--dry-run", "--budget-s", "120"]) == 0
+    doc = json.loads(out.read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+    assert doc["rows"][0] == {"bench": "search"} and doc["groups"] == []
+    assert [c["status"] for c in doc["headline"]] == ["OK", "OK"]
+    rows = doc["rows"][1:]
+    plug = [r for r in rows if r["impl"].startswith("pluglm")]
+    assert len(plug) == 8 and all(r["extra"]["ratio_to_dense"] > 0 for r in plug)
+    assert {r["shape"]["B"] for r in plug} == {1, 8}
+    assert all(r["bench"] == "cost of a memory" and r["peak_mb"] is not None for r in rows)
+    assert ns["main"]([str(out), "--dry-run", "--budget-s", "0"]) == 0
+    doc = json.loads(out.read_text())
+    assert [c["status"] for c in doc["headline"][2:]] == ["SKIP", "SKIP"]

@@ -168,12 +168,18 @@ def test_from_texts_slow_tokenizer(tmp_path):
     assert mem.texts[-1] == "blue sky"
 
 
-def test_large_vocab_uses_int32():
+def test_large_vocab_uses_uint16_then_int32():
+    # the narrowest table dtype: uint16 for 2**15 < vocab <= 2**16 (issue 14), int32 above
     big = fast_tokenizer(extra=33000)
-    assert len(big) > 32768
+    assert 32768 < len(big) <= 65536
     mem = KnowledgeMemory.from_texts(["w32999 w5 the cat"], big)
+    assert mem.token_ids.dtype == torch.uint16
+    assert int(mem.token_ids.to(torch.int64).max()) == big.convert_tokens_to_ids("w32999")
+    huge = fast_tokenizer(extra=66000)
+    assert len(huge) > 65536
+    mem = KnowledgeMemory.from_texts(["w65999 w5 the cat"], huge)
     assert mem.token_ids.dtype == torch.int32
-    assert int(mem.token_ids.max()) == big.convert_tokens_to_ids("w32999")
+    assert int(mem.token_ids.max()) == huge.convert_tokens_to_ids("w65999")
 
 
 def test_from_texts_errors(tok):

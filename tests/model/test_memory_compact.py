@@ -12,7 +12,8 @@ from pluglm.memory import KnowledgeMemory
 from pluglm.memory.texts import TextTable
 from pluglm_kernels import quantize_keys
 
-from conftest import SMALL_WORDS, random_sentences, wordpiece_tokenizer
+from conftest import (MeanPoolEncoder as Enc, SMALL_WORDS,
+                      random_sentences, wordpiece_tokenizer)
 
 
 
@@ -25,17 +26,6 @@ def texts(n, seed=0):
     return list(random_sentences(n, seed, max_words=9))
 
 
-class Enc(torch.nn.Module):
-    def __init__(self, vocab, key_dim=8, d=12):
-        super().__init__()
-        torch.manual_seed(3)
-        self.emb = torch.nn.Embedding(vocab, d)
-        self.k = torch.nn.Linear(d, key_dim)
-        self.v = torch.nn.Linear(d, d)
-
-    def encode_memory(self, ids, mask):
-        h = (self.emb(ids) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return self.k(h), self.v(h)
 
 
 def test_text_table_ops():
