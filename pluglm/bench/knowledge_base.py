@@ -81,7 +81,7 @@ class Query:
 @dataclass
 class KnowledgeBase:
     seed: int
-    values: dict                      # domain -> relation -> list of value words (A and B share them)
+    values: dict                      # domain -> relation -> value words (A and B share them)
     entities: dict                    # "A", "B", "unrelated" -> list[Entity]
     train_entities: list = field(default_factory=list)     # indices into entities["A"]
     heldout_entities: list = field(default_factory=list)   # indices into entities["A"]
@@ -151,8 +151,8 @@ def make_knowledge_base(seed: int = 0, *, n_a: int = 3000, n_b: int = 1000,
     n_a / n_b / n_unrelated: entities of domain A, B and the unrelated control set.
     heldout: domain-A entities whose queries are never trained on. name_pool: first and
     last names per pool (names are "first last", every entity's distinct; all three sets draw
-    from the same pools). value_counts: values per relation (shared by both domains; a few hundred
-    in all).
+    from the same pools). value_counts: values per relation (shared by both domains; a few
+    hundred in all).
     """
     if heldout >= n_a:
         raise ValueError(f"heldout ({heldout}) must be < n_a ({n_a})")
@@ -189,4 +189,5 @@ def build_tokenizer(kb: KnowledgeBase):
     return word_level_tokenizer(kb.words())
 
 
-__all__ = ["ENTRY_TEMPLATE", "Entity", "KnowledgeBase", "OTHER_PHRASING", "Query", "RELATIONS", "build_tokenizer", "make_knowledge_base"]
+__all__ = ["ENTRY_TEMPLATE", "Entity", "KnowledgeBase", "OTHER_PHRASING", "Query", "RELATIONS",
+           "build_tokenizer", "make_knowledge_base"]

@@ -86,7 +86,8 @@ class QualityConfig:
     @classmethod
     def make(cls, quick: bool = False, seed: int = 0, **kw) -> "QualityConfig":
         if quick:  # one seed of the full configuration, no ablation or backend check
-            base = cls(seed=seed, seeds=1, eval_every=200, ablation=(), backend_check=False, quick=True)
+            base = cls(seed=seed, seeds=1, eval_every=200, ablation=(), backend_check=False,
+                       quick=True)
         else:
             base = cls(seed=seed, eval_every=200)
         return replace(base, **kw)
@@ -485,7 +486,8 @@ def to_markdown(result: dict) -> str:
         ("domain B, B's memory", "domain_b_accuracy", ">= 80%"),
         ("domain B, A's memory", "domain_b_with_a_memory",
          f"<= chance + 5 = {_pct(result['domain_b_chance'] + 0.05)}"),
-        ("domain B, B's memory in an unseen wording", "domain_b_other_phrasing_accuracy", "(no target)"),
+        ("domain B, B's memory in an unseen wording", "domain_b_other_phrasing_accuracy",
+         "(no target)"),
     ]
     m = result["machine"]
     c = result["config"]
