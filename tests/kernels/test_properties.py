@@ -250,14 +250,18 @@ def test_mips_topk_nan_key_rows_never_returned(device, backend, seed, B, M, d):
 # -------------------------------------------------------------------- knowledge_attention
 
 
-def _attn_check(out, ref, dtype, logits_max: float, v: torch.Tensor) -> None:
+def _attn_check(out, ref, dtype, logits_max: float, v: torch.Tensor, ref_abs=None) -> None:
     """The dtype's relative tolerance (against the magnitude of v when the output cancels),
-    plus the effect of float32 logit rounding: eps * |logit| per logit, times |v|."""
+    plus the effect of float32 logit rounding: eps * |logit| per logit, times |v|, plus
+    rounding the weights or products to the dtype: 4 u sum_j p_j |v_j| (``ref_abs``, the same
+    attention over |v|), which a cancelling output of a few rows can exceed the first term by."""
     vmax = float(v.detach().abs().max().double())
     natural = math.sqrt(ref.numel()) * vmax
     logit_err = 8 * F32_EPS * (1.0 + logits_max) * natural
     err = (out.detach().double().cpu() - ref.double()).norm().item()
     bound = RTOL[dtype] * max(ref.double().norm().item(), natural / 10) + logit_err
+    if ref_abs is not None and dtype != torch.float32:
+        bound += 2 * torch.finfo(dtype).eps * ref_abs.double().norm().item()  # 4 u
     assert err <= bound, f"error {err:.3e} > {bound:.3e}"
 
 
@@ -299,9 +303,11 @@ def _attn_reference(q, k, v, extra, bias, beta, p, seed):
     kk, vv = (k[extra[0].long()], v[extra[0].long()]) if extra else (k, v)
     f64 = lambda t: t.detach().double().cpu()  # noqa: E731
     out, _ = reference.knowledge_attention(f64(q), f64(kk), f64(vv), f64(bias), f64(beta), p, seed)
+    out_abs, _ = reference.knowledge_attention(f64(q), f64(kk), f64(vv).abs(), f64(bias), f64(beta),
+                                               p, seed)
     logits = torch.einsum("bthd,bjhd->bthj", f64(q), f64(kk)) \
         + f64(beta)[None, None, :, None] * f64(bias)[:, None, None, :]
-    return out, float(logits.abs().max())
+    return out, float(logits.abs().max()), out_abs
 
 
 def _expect_native_refusal(device, backend, Dh) -> bool:
@@ -324,9 +330,9 @@ def test_knowledge_attention_property(device, backend, gather, data, seed, dseed
         return
     out = fn(q, k, v, *extra, bias, beta, dropout_p=p, seed=dseed, backend=backend)
     assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
-    ref, lmax = _attn_reference(q, k, v, extra, bias, beta, p, dseed)
+    ref, lmax, ref_abs = _attn_reference(q, k, v, extra, bias, beta, p, dseed)
     _finite(out, "knowledge_attention")
-    _attn_check(out, ref, q.dtype, lmax, v)
+    _attn_check(out, ref, q.dtype, lmax, v, ref_abs)
 
     # Gradients (float32, moderate logits): every input against the float64 reference.
     if q.dtype != torch.float32 or lmax > 50 or device != "cpu":
@@ -369,7 +375,7 @@ def test_knowledge_attention_large_n(device, backend, seed, N):
             pk.knowledge_attention(q, k, v, bias, beta, backend=backend)
         return
     out = pk.knowledge_attention(q, k, v, bias, beta, backend=backend)
-    ref, lmax = _attn_reference(q, k, v, (), bias, beta, 0.0, 0)
+    ref, lmax, _ = _attn_reference(q, k, v, (), bias, beta, 0.0, 0)
     _attn_check(out, ref, torch.float32, lmax, v)
 
 
@@ -415,6 +421,21 @@ def _pool_params(gen, D, Hp, dt_params):
     return w1, b1, w2, b2
 
 
+def _pool_with_rounded_u(x, mask, w1, b1, w2, b2, dt):
+    """reference.attentive_pool in float64 except that u = x W1^T + b1 is rounded to ``dt``,
+    the rounding the kernels make by design in 16-bit dtypes (ops._pooler_u: an addmm in x's
+    dtype, so W1 and b1 are rounded to it first)."""
+    r = lambda t: t.to(dt).double()  # noqa: E731
+    u = r(x @ r(w1).T + r(b1))
+    s = torch.tanh(u) @ w2.reshape(-1) + b2.reshape(())
+    keep = mask.to(torch.bool)
+    s = s.masked_fill(~keep, float("-inf"))
+    m = s.max(dim=1, keepdim=True).values
+    e = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m))) * keep
+    alpha = e / e.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    return (alpha[..., None] * x).sum(dim=1)
+
+
 @pytest.mark.parametrize("device,backend", _cases("attentive_pool"))
 @settings(PROFILE, max_examples=_n(50))
 @given(data=st.data(), seed=st.integers(0, 2**32 - 1))
@@ -441,8 +462,18 @@ def test_attentive_pool_property(device, backend, data, seed):
     ref = reference.attentive_pool(f64(x), mask.cpu(), f64(w1), f64(b1), f64(w2), f64(b2))
     empty = ~mask.cpu().bool().any(1)
     assert bool((out.cpu()[empty] == 0).all()), "a row with no token must pool to zeros"
-    tol = 2e-5 if dt == torch.float32 else 2e-2  # u = x W1^T is rounded to x's dtype
-    _assert_close(out, ref, tol, math.sqrt(out.numel()) * float(x.abs().max()))
+    natural = math.sqrt(out.numel()) * float(x.abs().max())
+    if dt == torch.float32:
+        _assert_close(out, ref, 2e-5, natural)
+    else:
+        # u = x W1^T + b1 is rounded to x's dtype (a matmul in that dtype), by design. With
+        # large |x| the tanh saturates and a rounded u near 0 flips a score by 2|w2_j|, which
+        # moves the softmax weights by O(1): an ill-conditioned instance, not a kernel error.
+        # So the yardstick is the float64 pool with only that rounding applied to u.
+        ref_u = _pool_with_rounded_u(f64(x), mask.cpu(), f64(w1), f64(b1), f64(w2), f64(b2), dt)
+        budget = (ref_u - ref).norm().item()
+        err = (out.detach().double().cpu() - ref).norm().item()
+        assert err <= 2e-2 * max(ref.norm().item(), natural / 10) + 4 * budget, (err, budget)
 
     if dt != torch.float32 or device != "cpu" or not 1e-6 < 10.0 ** ex <= 10:
         return
@@ -615,9 +646,9 @@ def test_triton_interpreter_property(op, data, seed):
         q, k, v, extra, bias, beta, p, N, Dh = _attn_inputs(data, gen, "cpu", gather=gather)
         fn = pk.gather_knowledge_attention if gather else pk.knowledge_attention
         out = fn(q, k, v, *extra, bias, beta, dropout_p=p, seed=seed, backend="triton")
-        ref, lmax = _attn_reference(q, k, v, extra, bias, beta, p, seed)
+        ref, lmax, ref_abs = _attn_reference(q, k, v, extra, bias, beta, p, seed)
         _finite(out, op)
-        _attn_check(out, ref, q.dtype, lmax, v)
+        _attn_check(out, ref, q.dtype, lmax, v, ref_abs)
     elif op == "attentive_pool":
         B, T, D, Hp = (data.draw(st.integers(1, n)) for n in (3, 6, 9, 5))
         dt = DTYPES[data.draw(st.sampled_from(list(DTYPES)))]
