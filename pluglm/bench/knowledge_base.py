@@ -4,13 +4,17 @@ memory can answer them).
 
 ``make_knowledge_base(seed)`` builds, from one seed, everything the experiment needs:
 
-* two domains, A and B, each a set of entities with several attributes drawn from closed
-  value sets. The domains share no word: entity names come from different syllable pools,
-  and every attribute value of B differs from every value of A (same relation kinds, new
-  entity type and new values: what a domain-specific memory plugged into a trained model
-  looks like);
-* a memory entry per entity in ONE phrasing ("zorvath quill was born in ketterby , works as
-  a glassblower at brundle and likes ochre .");
+* two domains, A and B, of different entities (no B entity is an A entity; B's names are
+  new combinations of the first and last names the tokenizer knows, as a subword tokenizer
+  would spell a new domain's names with known pieces). They share the relations, the entry
+  phrasing and the closed value sets, i.e. the answer vocabulary: a masked-LM head can only
+  name words it was trained to produce, so a domain whose answers are words the head never
+  emitted tests the output vocabulary, not the reading of a plugged-in memory. B's entries
+  can also be written in another phrasing (``OTHER_PHRASING``: other words, another order)
+  to measure how far the reader transfers to unseen entry wording (benchmarks/NOTES.md,
+  "Quality");
+* a memory entry per entity in ONE phrasing ("zorvath quill was born in ketterby ,
+  works as a glassblower at brundle and likes ochre .");
 * queries for one attribute in OTHER phrasings, the answer replaced by [MASK] ("where was
   zorvath quill born ? [MASK] ."), so the gap in surface form must be bridged by retrieval;
 * a split of domain A into training entities (queries used for training) and held-out
@@ -44,6 +48,10 @@ RELATIONS = (
       "the colour {n} loves most is [MASK] .")),
 )
 ENTRY_TEMPLATE = "{n} was born in {birthplace} , works as a {occupation} at {employer} and likes {colour} ."
+# Another wording of the same facts (other words, another order; queries unchanged): the
+# phrasing-transfer measurement of domain B.
+OTHER_PHRASING = ("{n} , a native of {birthplace} , is employed by {employer} as a {occupation} ; "
+                  "favourite colour {colour} .")
 
 _ONSETS = ("b", "br", "c", "ch", "d", "dr", "f", "g", "gr", "h", "j", "k", "kr", "l", "m", "n",
            "p", "pr", "qu", "r", "s", "sh", "st", "t", "th", "tr", "v", "w", "z", "zh")
@@ -57,9 +65,9 @@ class Entity:
     attrs: dict  # relation name -> value word
     domain: str
 
-    def entry(self, attrs: dict | None = None) -> str:
+    def entry(self, attrs: dict | None = None, template: str = ENTRY_TEMPLATE) -> str:
         a = self.attrs if attrs is None else attrs
-        return ENTRY_TEMPLATE.format(n=self.name, **a)
+        return template.format(n=self.name, **a)
 
 
 @dataclass
@@ -73,14 +81,14 @@ class Query:
 @dataclass
 class KnowledgeBase:
     seed: int
-    values: dict                      # domain -> relation -> list of value words
+    values: dict                      # domain -> relation -> value words (A and B share them)
     entities: dict                    # "A", "B", "unrelated" -> list[Entity]
     train_entities: list = field(default_factory=list)     # indices into entities["A"]
     heldout_entities: list = field(default_factory=list)   # indices into entities["A"]
 
-    def entries(self, domain: str) -> list[str]:
+    def entries(self, domain: str, template: str = ENTRY_TEMPLATE) -> list[str]:
         """Memory texts of a domain, entry i = entity i."""
-        return [e.entry() for e in self.entities[domain]]
+        return [e.entry(template=template) for e in self.entities[domain]]
 
     def queries(self, domain: str, entity_ids, rng: random.Random, per_relation: int = 1,
                 relations=None) -> list[Query]:
@@ -103,6 +111,7 @@ class KnowledgeBase:
         for ents in self.entities.values():
             for e in ents:
                 ws.update(e.entry().split())
+                ws.update(e.entry(template=OTHER_PHRASING).split())
         for _, _, templates in RELATIONS:
             for t in templates:
                 ws.update(w for w in t.split() if w not in ("{n}", "[MASK]"))
@@ -135,41 +144,39 @@ def _words(rng: random.Random, n: int, taken: set, syllables=(2, 3)) -> list[str
 
 
 def make_knowledge_base(seed: int = 0, *, n_a: int = 3000, n_b: int = 1000,
-                        n_unrelated: int = 3000, heldout: int = 1000, name_pool: int = 80,
+                        n_unrelated: int = 3000, heldout: int = 1000, name_pool: int = 90,
                         value_counts=(48, 48, 48, 24)) -> KnowledgeBase:
     """The whole knowledge base from ``seed`` (see the module docstring).
 
     n_a / n_b / n_unrelated: entities of domain A, B and the unrelated control set.
     heldout: domain-A entities whose queries are never trained on. name_pool: first and
-    last names per pool (names are "first last"; A and the unrelated set share A's pools,
-    B has its own). value_counts: values per relation, per domain (a few hundred in all).
+    last names per pool (names are "first last", every entity's distinct; all three sets draw
+    from the same pools). value_counts: values per relation (shared by both domains; a few
+    hundred in all).
     """
     if heldout >= n_a:
         raise ValueError(f"heldout ({heldout}) must be < n_a ({n_a})")
-    if (n_a + n_unrelated) > name_pool * name_pool or n_b > name_pool * name_pool:
+    if n_a + n_unrelated + n_b > name_pool * name_pool:
         raise ValueError(f"name_pool={name_pool} gives {name_pool ** 2} names; need "
-                         f"n_a + n_unrelated = {n_a + n_unrelated} and n_b = {n_b}")
+                         f"n_a + n_unrelated + n_b = {n_a + n_unrelated + n_b}")
     if len(value_counts) != len(RELATIONS):
         raise ValueError(f"value_counts needs one count per relation ({len(RELATIONS)}), got {value_counts!r}")
     rng = random.Random(seed)
     taken = {w for _, frag, ts in RELATIONS for t in (frag, *ts) for w in t.split()}
-    taken |= set(ENTRY_TEMPLATE.split())
-    values = {d: {r[0]: _words(rng, c, taken) for r, c in zip(RELATIONS, value_counts)} for d in "AB"}
-    pools = {d: (_words(rng, name_pool, taken), _words(rng, name_pool, taken)) for d in "AB"}
-
-    def names(d, n, exclude=()):
-        first, last = pools[d]
-        allnames = [f"{f} {l}" for f in first for l in last if f"{f} {l}" not in exclude]
-        return rng.sample(allnames, n)
+    taken |= set(ENTRY_TEMPLATE.split()) | set(OTHER_PHRASING.split())
+    shared = {r[0]: _words(rng, c, taken) for r, c in zip(RELATIONS, value_counts)}
+    values = {"A": shared, "B": shared}
+    first, last = _words(rng, name_pool, taken), _words(rng, name_pool, taken)
+    allnames = [f"{f} {l}" for f in first for l in last]
+    picked = rng.sample(allnames, n_a + n_b + n_unrelated)
 
     def ents(d, nm, vals_domain):
         return [Entity(n, {r: rng.choice(values[vals_domain][r]) for r in values[vals_domain]}, d)
                 for n in nm]
 
-    a_names = names("A", n_a)
-    entities = {"A": ents("A", a_names, "A"),
-                "B": ents("B", names("B", n_b), "B"),
-                "unrelated": ents("unrelated", names("A", n_unrelated, set(a_names)), "A")}
+    entities = {"A": ents("A", picked[:n_a], "A"),
+                "B": ents("B", picked[n_a:n_a + n_b], "B"),
+                "unrelated": ents("unrelated", picked[n_a + n_b:], "A")}
     order = list(range(n_a))
     rng.shuffle(order)
     return KnowledgeBase(seed, values, entities, sorted(order[heldout:]), sorted(order[:heldout]))
@@ -182,4 +189,5 @@ def build_tokenizer(kb: KnowledgeBase):
     return word_level_tokenizer(kb.words())
 
 
-__all__ = ["Entity", "KnowledgeBase", "Query", "RELATIONS", "build_tokenizer", "make_knowledge_base"]
+__all__ = ["ENTRY_TEMPLATE", "Entity", "KnowledgeBase", "OTHER_PHRASING", "Query", "RELATIONS",
+           "build_tokenizer", "make_knowledge_base"]

@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
     s.add_argument("--max-m", type=int, default=None, help="with --large: largest M (entries)")
     s.add_argument("--quality", action="store_true",
                    help="train a small PlugLM and measure that it reads, updates and swaps its "
-                        "knowledge (writes quality.json/.md and plots; --quick: CI size)")
+                        "knowledge (writes quality.json/.md and plots; --quick: one seed, "
+                        "no ablation)")
     s.add_argument("--seed", type=int, default=0, help="--quality: seed of the knowledge base and first run")
     s.set_defaults(func=cmd_bench)
 

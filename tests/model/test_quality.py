@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pluglm.bench import quality as Q
-from pluglm.bench.knowledge_base import build_tokenizer, make_knowledge_base
+from pluglm.bench.knowledge_base import OTHER_PHRASING, build_tokenizer, make_knowledge_base
 
 
 def test_knowledge_base_is_deterministic_and_disjoint():
@@ -24,8 +24,12 @@ def test_knowledge_base_is_deterministic_and_disjoint():
     assert len(a.heldout_entities) == 100 and len(a.train_entities) == 200
     names = {e.name for e in a.entities["A"]}
     assert len(names) == 300 and not names & {e.name for e in a.entities["unrelated"]}
-    for rel in a.values["A"]:
-        assert not set(a.values["A"][rel]) & set(a.values["B"][rel])
+    # domain B: its own entities, the answer vocabulary of A
+    assert not names & {e.name for e in a.entities["B"]}
+    assert a.values["A"] == a.values["B"]
+    for e in a.entities["B"][:20]:
+        other = e.entry(template=OTHER_PHRASING)
+        assert set(e.attrs.values()) <= set(other.split()) and other != e.entry()
     tok = build_tokenizer(a)
     q = a.queries("A", a.heldout_entities[:5], random.Random(0))
     for x in q:
@@ -90,27 +94,44 @@ def test_retrieval_alignment_loss_needs_the_forward_and_stops_after_steps():
 
 
 def test_trained_pluglm_reads_updates_and_swaps_its_memory(tmp_path):
-    """The CI-sized quality run (`pluglm bench --quality --quick`, one seed): lower thresholds."""
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    cfg = Q.QualityConfig.make(quick=True, seed=0, curve_queries=100, eval_every=350, sync_refresh=True)
-    result = Q.run_quality(cfg, log=None)
+    """A CI-sized quality run: 2,000 entries, 700 steps (the full run: 3,000 and 1,600), one
+    seed (PLUGLM_QUALITY_SEED, default 0; every threshold holds for any seed). Thresholds
+    are lower than the full run's targets but each is far above what chance gives."""
+    import json
+    import os
+
+    seed = int(os.environ.get("PLUGLM_QUALITY_SEED", "0"))
+    cfg = Q.QualityConfig.make(quick=True, seed=seed, n_a=2000, n_b=500, heldout=600, steps=700,
+                               n_edit=300, n_remove=300, curve_queries=100, eval_every=350)
+    # one thread: the thresholds were measured so (a run is bit-reproducible per thread
+    # count), it costs ~60 s of CPU, and two threads on a busy 2-core runner cost 4x the CPU
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = Q.run_quality(cfg, log=None)
+    finally:
+        torch.set_num_threads(threads)
     chance = result["chance"]  # best constant answer per relation, ~4% here
     assert chance < 0.06
     right, wrong = result["accuracy_right_memory"], result["accuracy_wrong_memory"]
-    # measured on 2 cores: right 22.5%, wrong 2.7%, recall 59%, edits followed 26% (seed 0);
-    # the full run trains longer. Lower bounds, each far above what chance gives.
-    assert right >= 0.12 and right >= 3 * max(wrong, chance)
+    # measured (1 thread, seeds 0-3): right 79.6 / 67.5 / 72.6 / 75.2%, unrelated 2.0-2.7%,
+    # recall 98.5-99.6%, edits followed 80.7 / 73.3 / 71.7 / 80.0%, domain B 83.0 / 74.2 /
+    # 77.6 / 80.0%, with A's memory 2.0-2.7% (chance 4.1-4.5%). The full run trains 1,600
+    # steps on 3,000 entries (>= 90%). Each bound is at least 5x chance and about half of
+    # the lowest measured value, so that neither chance nor a slower seed decides it.
+    assert right >= 0.35 and right >= 5 * max(wrong, chance)
     assert wrong <= chance + 0.05
-    assert result["gold_recall"] >= 0.3  # chance: N/M = 4/2000
+    assert result["gold_recall"] >= 0.8  # chance: N/M = 4/2000
     assert result["params_unchanged"] is True
-    assert result["edit_follow_rate"] >= max(0.5 * right, 3 * chance)
+    assert result["edit_follow_rate"] >= max(0.75 * right, 5 * chance)
+    assert result["edit_old_answer_rate"] <= chance + 0.05
     assert result["unedited_accuracy_drop"] <= 0.03
-    assert result["removed_accuracy"] <= chance + 0.05
+    assert result["removed_accuracy"] <= result["removed_chance"] + 0.05
     assert abs(result["kept_accuracy_after"] - result["kept_accuracy_before"]) <= 0.03
-    assert result["domain_b_with_a_memory"] <= result["domain_b_chance"] + 0.05
+    b_chance = result["domain_b_chance"]
+    assert result["domain_b_accuracy"] >= max(0.35, 5 * b_chance)
+    assert result["domain_b_with_a_memory"] <= b_chance + 0.05
     written = Q.write_all(result, tmp_path)
-    import json
-
     data = json.loads((tmp_path / "quality.json").read_text())
     for k in ("chance", "accuracy_right_memory", "accuracy_wrong_memory", "gold_recall",
               "edit_follow_rate", "unedited_accuracy_drop", "params_unchanged", "removed_accuracy",
