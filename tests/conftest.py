@@ -20,6 +20,16 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 # Relative-error tolerances against a float64 reference (STYLE.md §6).
 RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
+# float16/bfloat16 results are judged against the error the pure-PyTorch reference itself
+# makes in that precision (float32 accumulation, values stored in the input dtype): draws whose
+# gradient sums cancel (attentive pooling: sum_t ds_t = 0) lift both errors together, from
+# 5e-3 to 0.5 in bfloat16, so no fixed tolerance is both safe and tight. The kernels' error is
+# a steady multiple of the reference's (median 1.0-1.2x C++, 1.3-2.9x Triton, whose u/du
+# roundings the reference does not make); over 200 seeds per bf16 case of the encode_knowledge
+# tests the largest error / tolerance was 0.27 (C++) and 0.62 (Triton) with this factor and
+# the tests' floors (docs/design.md, "Test tolerances").
+LOWP_FACTOR = 8.0
+
 
 def triton_device() -> str:
     """Where this session's Triton kernels run: "cpu" under TRITON_INTERPRET=1 (no GPU),
@@ -135,6 +145,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out64 - ref64).norm().item() / (denom if denom > 0 else 1.0)
 
 
+def lowp_tol(floor: float, lowp: torch.Tensor | None, ref: torch.Tensor) -> float:
+    """Tolerance for a low-precision result's rel_err against the float64 ``ref``: ``floor``,
+    or LOWP_FACTOR times the error of ``lowp`` (the reference computed in the low precision)
+    where that is larger."""
+    return floor if lowp is None else max(floor, LOWP_FACTOR * rel_err(lowp.cpu(), ref.cpu()))
+
+
 def pytest_collection_modifyitems(config, items):
     # GPU-marked tests skip cleanly where no GPU exists.
     if HAS_CUDA:
@@ -145,12 +162,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def draw_seed() -> int:
+    """A fresh 32-bit seed, or the one in PLUGLM_TEST_SEED (to replay a failure)."""
+    pinned = os.environ.get("PLUGLM_TEST_SEED")
+    if pinned:
+        return int(pinned)
+    return int.from_bytes(os.urandom(4), "little")
+
+
 @pytest.fixture
-def fresh_seed():
-    """A different seed each test run (printed on failure) so inputs are fresh, yet replayable."""
-    seed = int.from_bytes(os.urandom(4), "little")
+def fresh_seed(request):
+    """A different seed each test run so inputs are fresh, yet replayable: a failing test's
+    report names it, and PLUGLM_TEST_SEED=<seed> makes every test draw that seed."""
+    seed = draw_seed()
+    request.node._pluglm_seed = seed
     torch.manual_seed(seed)
     return seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "_pluglm_seed", None)
+    if seed is not None and report.failed:
+        report.sections.append(("fresh seed", f"replay with PLUGLM_TEST_SEED={seed}"))
 
 
 class RssMeter:

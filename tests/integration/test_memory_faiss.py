@@ -18,7 +18,9 @@ from pluglm.memory import KnowledgeMemory, MemorySnapshot
 
 faiss = pytest.importorskip("faiss")
 
-RECALL_MIN = {"flat": 1.0, "ivf": 0.95, "hnsw": 0.9, "ivfpq": 0.25}
+# Recall@10 over 200 seeds (test_recall_against_exact): ivf 1.0, hnsw 0.990-1.0, ivfpq
+# 0.297-0.453 (mean 0.368, sd 0.027; 0.25 was 4.4 sd below it, 0.15 is 8); random: k/M.
+RECALL_MIN = {"flat": 1.0, "ivf": 0.95, "hnsw": 0.9, "ivfpq": 0.15}
 WORDS = [f"w{i}" for i in range(60)]
 
 
@@ -85,6 +87,15 @@ def recall(ids: torch.Tensor, ref: torch.Tensor) -> float:
     return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, ref)) / ref.numel()
 
 
+def same_up_to_near_ties(q: torch.Tensor, keys: torch.Tensor, i: torch.Tensor, ri: torch.Tensor) -> bool:
+    """faiss's exact (flat) ids ``i`` against the kernel's ``ri``: equal, except where the two
+    entries' exact scores agree to float32 rounding (faiss sums in another order: 1 run in
+    200 swapped two such ids)."""
+    ex = (q.double() @ torch.nan_to_num(keys).double().T)
+    diff = i != ri
+    return torch.allclose(ex.gather(1, i)[diff], ex.gather(1, ri)[diff], rtol=1e-5, atol=1e-5)
+
+
 def check_result(mem: KnowledgeMemory, s: torch.Tensor, i: torch.Tensor, B: int, k: int):
     assert s.shape == (B, k) and i.shape == (B, k)
     assert s.dtype == torch.float32 and i.dtype == torch.int64
@@ -105,9 +116,10 @@ def test_recall_against_exact(kind, fresh_seed):
     s, i = mem.search(q, k, backend="faiss", index=kind)
     check_result(mem, s, i, q.shape[0], k)
     r = recall(i, ri)
-    assert r >= RECALL_MIN[kind], f"{kind}: recall@{k} {r:.3f}"
-    if kind == "flat":
-        assert torch.equal(i, ri) and torch.allclose(s, rs, rtol=1e-5, atol=1e-5)
+    if kind == "flat":  # exact: a near-tie at the k-th place may swap in another entry
+        assert same_up_to_near_ties(q, keys, i, ri) and torch.allclose(s, rs, rtol=1e-5, atol=1e-5)
+    else:
+        assert r >= RECALL_MIN[kind], f"{kind}: recall@{k} {r:.3f}"
     if kind in ("flat", "ivf", "hnsw"):  # exact scores for what they return
         assert torch.allclose(s, (q @ torch.nan_to_num(keys).T).gather(1, i), rtol=1e-5, atol=1e-4)
     print(f"{kind}: recall@{k} = {r:.3f}")
@@ -173,9 +185,10 @@ def test_compact_rebuilds(fresh_seed):
         s, i = mem.search(q, 5, backend="faiss", index=kind)
         rs, ri = mem.search(q, 5)
         check_result(mem, s, i, q.shape[0], 5)
-        assert recall(i, ri) >= RECALL_MIN[kind]
         if kind == "flat":
-            assert torch.equal(i, ri)
+            assert same_up_to_near_ties(q, mem.keys, i, ri)
+        else:
+            assert recall(i, ri) >= RECALL_MIN[kind]
     # the ids are the new numbering: the keys behind them are the old rows' keys
     old_of_new = torch.nonzero(mapping >= 0).squeeze(1)
     ids = mem.search(q, 5, backend="faiss")[1]
@@ -206,17 +219,25 @@ def test_default_backend_drives_the_model(fresh_seed):
         assert mem.search_backend == {"backend": "faiss", "index": "flat", "params": {}}
         flat = model(ids, attention_mask=mask, output_retrieval=True)
         assert len(mem._indexes) == 1  # the model's plain search(q, k) went through faiss
-        assert torch.equal(flat.retrieval[0].indices, exact.retrieval[0].indices)
+
+        def same_entries(a, b):
+            # random_memory repeats some short token sequences (identical keys, exact score
+            # ties), and faiss may return either copy at the k-th place: 4 runs in 60 differed
+            # in ids there. Compare what the model reads, the keys.
+            return torch.equal(mem.keys[a.retrieval[0].indices], mem.keys[b.retrieval[0].indices])
+
+        assert same_entries(flat, exact)
         assert torch.allclose(flat.logits, exact.logits, rtol=1e-5, atol=1e-5)
         mem.set_search_backend("faiss", index="ivf", nlist=16, nprobe=16)  # every list
         full = model(ids, attention_mask=mask, output_retrieval=True)
-        assert torch.equal(full.retrieval[0].indices, exact.retrieval[0].indices)
+        assert same_entries(full, exact)
         mem.set_search_backend("faiss", index="ivf", nlist=16, nprobe=8)
         approx = model(ids, attention_mask=mask, output_retrieval=True)
         r = recall(approx.retrieval[0].indices, exact.retrieval[0].indices)
         assert len(mem._indexes) == 2  # nprobe is a search knob: the ivf index is shared
         print(f"model retrieval recall@4, ivf nprobe 8/16: {r:.3f}")
-        # measured on 8 seeds (random-init model keys, 1500 entries): 0.80 .. 1.00
+        # measured on 56 seeds (random-init model keys, 1500 entries): 0.77-1.00, mean 0.97;
+        # a broken search scores about k/M = 4/1500
         assert r >= 0.6
     # training: stale search through faiss, fresh re-encode, backward
     model.train()

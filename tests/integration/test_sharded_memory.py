@@ -32,12 +32,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# What the workers import, loaded once by the forkserver (its children inherit it).
+_PRELOAD = ["torch", "torch.distributed", "transformers", "pluglm.memory", "pluglm.sharded_memory",
+            "pluglm.modeling_pluglm", "pluglm.refresh", __name__]
+
+
 def _spawn(world: int, seed: int, tmp_path, what: str) -> None:
-    # fork: a spawned child re-imports torch + transformers + pluglm (~10 s per process on a
-    # loaded 2-core machine); forked children inherit them.
+    # Not fork: a fork copies this pytest process as earlier tests left it: threads (tqdm's
+    # monitor, the OpenMP pools of torch and faiss, autograd's device threads where a GPU
+    # exists, whose atfork hook makes every backward in a forked child raise) and any lock
+    # they held, which deadlocks or crashes a child depending on which tests ran before
+    # (it failed after the gradient checkpointing tests). Not plain spawn either: each child
+    # would re-import torch + transformers + pluglm (~10 s per process on a loaded 2-core
+    # machine). The forkserver is a fresh single-threaded process that imports them once
+    # (_PRELOAD) and forks every worker from itself.
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    if method == "forkserver":
+        mp.get_context("forkserver").set_forkserver_preload(_PRELOAD)
     mp.start_processes(_worker, args=(world, _free_port(), seed, str(tmp_path), what),
-                       nprocs=world, join=True,
-                       start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn")
+                       nprocs=world, join=True, start_method=method)
 
 
 def _worker(rank: int, world: int, port: int, seed: int, tmp: str, what: str) -> None:

@@ -14,17 +14,24 @@ import pluglm_kernels as pk
 from pluglm_kernels import _backends
 from pluglm_kernels import reference as R
 
-from conftest import RTOL, cpu_has, rel_err
+from conftest import RTOL, cpu_has, lowp_tol, rel_err
 
 HAS_CPU = _backends.availability("encode_knowledge", "cpu", "cpu")[0]
 pytestmark = pytest.mark.skipif(not HAS_CPU, reason="C++ CPU kernels of encode_knowledge not built")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-# db1 and dw2 sum terms that cancel (sum_t ds_t = 0 in every row), each carrying the
-# rounding of u to bfloat16: their relative error reaches a few 1e-2 in bfloat16.
+# Floors of the gradient tolerances; float16/bfloat16 ones rise with the error of the
+# reference run in that precision (conftest.lowp_tol). bfloat16, measured over 200 seeds per
+# case (C++ kernels here, Triton ones in test_encode_knowledge_triton.py): non-cancelling
+# gradients reached 0.018 with the bf16 reference at 0.004 (0.02 failed ~1 run in 100 of
+# the C++ E3T7D24 case; up to 0.50 where the reference itself is off by 0.50).
+GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+# db1 and dw2 sum terms that cancel (sum_t ds_t = 0 in every row), each term rounded to
+# bfloat16 (du) where the reference keeps float32: their relative error is up to 18x the
+# reference's, and reached 0.093 on 200 seeds (Triton) where 6e-2 failed 1.5% of runs.
 CANCELLING = {"b1", "w2"}
+CANCELLING_BF16 = 0.15
 
 
 def _mask(B, T, empty_row=True):
@@ -47,17 +54,26 @@ def _grads(fn, inputs, go):
     return out, grads
 
 
-def _check(out, grads, ref_out, ref_grads, dtype, names):
+def _lowp(ref_fn, inputs, go, dtype):
+    """The reference run on the kernel's own float16/bfloat16 inputs: the yardstick of the
+    rounding error allowed (conftest.lowp_tol); None for float32."""
+    return None if dtype == torch.float32 else _grads(ref_fn, inputs, go)
+
+
+def _check(out, grads, ref_out, ref_grads, dtype, names, lowp=None):
+    lp_out, lp_grads = lowp if lowp is not None else (None, [None] * len(grads))
     assert torch.isfinite(out).all()
-    assert rel_err(out, ref_out) < RTOL[dtype], ("out", rel_err(out, ref_out))
-    for name, g, rg in zip(names, grads, ref_grads):
+    tol = lowp_tol(RTOL[dtype], lp_out, ref_out)
+    assert rel_err(out, ref_out) < tol, ("out", rel_err(out, ref_out), tol)
+    for name, g, rg, lg in zip(names, grads, ref_grads, lp_grads):
         assert g.dtype == rg.dtype or rg.dtype == torch.float64, name
         assert torch.isfinite(g).all(), name
         if rg.double().norm() < 1e-9:  # db2 is identically zero (softmax shift invariance)
             assert g.double().abs().max() < 1e-6, name
             continue
-        tol = 6e-2 if dtype == torch.bfloat16 and name in CANCELLING else GRAD_TOL[dtype]
-        assert rel_err(g, rg) < tol, (name, rel_err(g, rg))
+        floor = CANCELLING_BF16 if dtype == torch.bfloat16 and name in CANCELLING else GRAD_TOL[dtype]
+        tol = lowp_tol(floor, lg, rg)
+        assert rel_err(g, rg) < tol, (name, rel_err(g, rg), tol)
 
 
 # ------------------------------------------------------------------------ attentive_pool
@@ -74,10 +90,10 @@ def test_attentive_pool_cpu_matches_reference(fresh_seed, dtype, B, T, D, Hp):
     out, grads = _grads(lambda x, *p: pk.attentive_pool(x, mask, *p, backend="cpu"),
                         (x, *params), go)
     ref_in = [t.double() for t in (x, *params)]
-    ref_out, ref_grads = _grads(lambda x, *p: pk.attentive_pool(x, mask, *p, backend="reference"),
-                                ref_in, go.double())
+    ref = lambda x, *p: pk.attentive_pool(x, mask, *p, backend="reference")  # noqa: E731
+    ref_out, ref_grads = _grads(ref, ref_in, go.double())
     assert out.dtype == dtype
-    _check(out, grads, ref_out, ref_grads, dtype, names)
+    _check(out, grads, ref_out, ref_grads, dtype, names, _lowp(ref, (x, *params), go, dtype))
     for g, t in zip(grads, (x, *params)):
         assert g.dtype == t.dtype and g.shape == t.shape
     if B > 1:  # the empty row pools to zeros and gets no gradient
@@ -184,7 +200,7 @@ def test_encode_knowledge_cpu_matches_reference(fresh_seed, dtype, E, T, D, Hp, 
     out, grads = _grads(run("cpu"), params, go)
     ref_out, ref_grads = _grads(run("reference"), [p.double() for p in params], go.double())
     assert out.dtype == dtype and out.shape == (E, D)
-    _check(out, grads, ref_out, ref_grads, dtype, ENC_NAMES)
+    _check(out, grads, ref_out, ref_grads, dtype, ENC_NAMES, _lowp(run("reference"), params, go, dtype))
     for g, p in zip(grads, params):
         assert g.dtype == p.dtype and g.shape == p.shape
     # rows no token uses get exactly zero gradient
@@ -259,6 +275,7 @@ def test_encode_knowledge_honours_pluglm_cpu_isa(fresh_seed, monkeypatch, dtype)
                                               position_offset=1, backend=backend)
 
     ref_out, ref_grads = _grads(run("reference"), [p.double() for p in params], go.double())
+    lowp = _lowp(run("reference"), params, go, dtype)
     got = {}
     for isa in ISAS:
         if isa != "scalar" and not cpu_has({"avx2": "avx2", "avx512": "avx512bw"}[isa]):
@@ -266,7 +283,7 @@ def test_encode_knowledge_honours_pluglm_cpu_isa(fresh_seed, monkeypatch, dtype)
         monkeypatch.setenv("PLUGLM_CPU_ISA", isa)
         assert pk.load_extension()[0].cpu_isa() == isa
         out, grads = _grads(run("cpu"), params, go)
-        _check(out, grads, ref_out, ref_grads, dtype, ENC_NAMES)
+        _check(out, grads, ref_out, ref_grads, dtype, ENC_NAMES, lowp)
         again = _grads(run("cpu"), params, go)
         assert torch.equal(out, again[0]) and all(map(torch.equal, grads, again[1])), isa
         got[isa] = torch.cat([out.float().flatten()] + [g.float().flatten() for g in grads])

@@ -11,7 +11,7 @@ import torch
 import pluglm_kernels as pk
 from pluglm_kernels import _backends
 
-from conftest import RTOL, rel_err
+from conftest import RTOL, lowp_tol, rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -19,8 +19,9 @@ pytestmark = [pytest.mark.gpu,
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 # float32 matmuls may run in TF32 when a user enables it; the kernels themselves are fp32.
-GRAD_TOL = {torch.float32: 5e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+GRAD_TOL = {torch.float32: 5e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 CANCELLING = {"b1", "w2"}  # sums whose terms cancel (see test_encode_knowledge.py)
+CANCELLING_BF16 = 0.15
 ENC_NAMES = ("word", "pos", "type", "ln_w", "ln_b", "w1", "b1", "w2", "b2")
 
 
@@ -37,16 +38,25 @@ def _grads(fn, inputs, go):
     return out, torch.autograd.grad(out, inputs, go.to(out.dtype))
 
 
-def _check(out, grads, ref_out, ref_grads, dtype, names):
+def _lowp(ref_fn, inputs, go, dtype):
+    """The reference run on the kernel's own float16/bfloat16 inputs: the yardstick of the
+    rounding error allowed (conftest.lowp_tol); None for float32."""
+    return None if dtype == torch.float32 else _grads(ref_fn, inputs, go)
+
+
+def _check(out, grads, ref_out, ref_grads, dtype, names, lowp=None):
+    lp_out, lp_grads = lowp if lowp is not None else (None, [None] * len(grads))
     assert torch.isfinite(out).all()
-    assert rel_err(out, ref_out) < max(RTOL[dtype], 1e-5 if dtype != torch.float32 else 5e-4)
-    for name, g, rg in zip(names, grads, ref_grads):
+    tol = lowp_tol(max(RTOL[dtype], 1e-5 if dtype != torch.float32 else 5e-4), lp_out, ref_out)
+    assert rel_err(out, ref_out) < tol, ("out", rel_err(out, ref_out), tol)
+    for name, g, rg, lg in zip(names, grads, ref_grads, lp_grads):
         assert torch.isfinite(g).all(), name
         if rg.double().norm() < 1e-9:
             assert g.double().abs().max() < 1e-5, name
             continue
-        tol = 6e-2 if dtype == torch.bfloat16 and name in CANCELLING else GRAD_TOL[dtype]
-        assert rel_err(g, rg) < tol, (name, rel_err(g, rg))
+        floor = CANCELLING_BF16 if dtype == torch.bfloat16 and name in CANCELLING else GRAD_TOL[dtype]
+        tol = lowp_tol(floor, lg, rg)
+        assert rel_err(g, rg) < tol, (name, rel_err(g, rg), tol)
 
 
 def _mask(B, T):
@@ -66,9 +76,10 @@ def test_attentive_pool_cuda_matches_reference(fresh_seed, dtype, B, T, D, Hp):
     go = torch.randn(B, D, device="cuda")
     out, grads = _grads(lambda x, *p: pk.attentive_pool(x, mask, *p, backend="cuda"),
                         (x, *params), go)
-    ref_out, ref_grads = _grads(lambda x, *p: pk.attentive_pool(x, mask, *p, backend="reference"),
-                                [t.double() for t in (x, *params)], go.double())
-    _check(out, grads, ref_out, ref_grads, dtype, ("x", "w1", "b1", "w2", "b2"))
+    ref = lambda x, *p: pk.attentive_pool(x, mask, *p, backend="reference")  # noqa: E731
+    ref_out, ref_grads = _grads(ref, [t.double() for t in (x, *params)], go.double())
+    _check(out, grads, ref_out, ref_grads, dtype, ("x", "w1", "b1", "w2", "b2"),
+           _lowp(ref, (x, *params), go, dtype))
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
@@ -103,7 +114,7 @@ def test_encode_knowledge_cuda_matches_reference(fresh_seed, dtype, E, T, D, Hp,
 
     out, grads = _grads(run("cuda"), params, go)
     ref_out, ref_grads = _grads(run("reference"), [p.double() for p in params], go.double())
-    _check(out, grads, ref_out, ref_grads, dtype, ENC_NAMES)
+    _check(out, grads, ref_out, ref_grads, dtype, ENC_NAMES, _lowp(run("reference"), params, go, dtype))
     for g, p in zip(grads, params):
         assert g.dtype == p.dtype and g.shape == p.shape
 

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 import pluglm_kernels as pk  # noqa: E402
 
-from conftest import RTOL, rel_err, triton_device  # noqa: E402
+from conftest import RTOL, lowp_tol, rel_err, triton_device  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -23,8 +23,9 @@ from pluglm_kernels.triton import encode_knowledge as TE  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 CANCELLING = {"b1", "w2"}  # see test_encode_knowledge.py: sums whose terms cancel
+CANCELLING_BF16 = 0.15
 
 
 def _grads(fn, inputs, go):
@@ -33,16 +34,25 @@ def _grads(fn, inputs, go):
     return out, torch.autograd.grad(out, inputs, go.to(out.dtype))
 
 
-def _check(out, grads, ref_out, ref_grads, dtype, names):
+def _lowp(ref_fn, inputs, go, dtype):
+    """The reference run on the kernel's own float16/bfloat16 inputs: the yardstick of the
+    rounding error allowed (conftest.lowp_tol); None for float32."""
+    return None if dtype == torch.float32 else _grads(ref_fn, inputs, go)
+
+
+def _check(out, grads, ref_out, ref_grads, dtype, names, lowp=None):
+    lp_out, lp_grads = lowp if lowp is not None else (None, [None] * len(grads))
     assert torch.isfinite(out).all()
-    assert rel_err(out.cpu(), ref_out.cpu()) < RTOL[dtype]
-    for name, g, rg in zip(names, grads, ref_grads):
+    tol = lowp_tol(RTOL[dtype], lp_out, ref_out)
+    assert rel_err(out.cpu(), ref_out.cpu()) < tol, ("out", rel_err(out.cpu(), ref_out.cpu()), tol)
+    for name, g, rg, lg in zip(names, grads, ref_grads, lp_grads):
         assert torch.isfinite(g).all(), name
         if rg.double().norm() < 1e-9:
             assert g.double().abs().max() < 1e-6, name
             continue
-        tol = 6e-2 if dtype == torch.bfloat16 and name in CANCELLING else GRAD_TOL[dtype]
-        assert rel_err(g.cpu(), rg.cpu()) < tol, (name, rel_err(g.cpu(), rg.cpu()))
+        floor = CANCELLING_BF16 if dtype == torch.bfloat16 and name in CANCELLING else GRAD_TOL[dtype]
+        tol = lowp_tol(floor, lg, rg)
+        assert rel_err(g.cpu(), rg.cpu()) < tol, (name, rel_err(g.cpu(), rg.cpu()), tol)
 
 
 def _mask(B, T):
@@ -64,9 +74,10 @@ def test_attentive_pool_triton_matches_reference(fresh_seed, dtype):
     go = torch.randn(B, D, device=DEV)
     out, grads = _grads(lambda x, *p: pk.attentive_pool(x, mask, *p, backend="triton"),
                         (x, *params), go)
-    ref_out, ref_grads = _grads(lambda x, *p: pk.attentive_pool(x, mask, *p, backend="reference"),
-                                [t.double() for t in (x, *params)], go.double())
-    _check(out, grads, ref_out, ref_grads, dtype, ("x", "w1", "b1", "w2", "b2"))
+    ref = lambda x, *p: pk.attentive_pool(x, mask, *p, backend="reference")  # noqa: E731
+    ref_out, ref_grads = _grads(ref, [t.double() for t in (x, *params)], go.double())
+    _check(out, grads, ref_out, ref_grads, dtype, ("x", "w1", "b1", "w2", "b2"),
+           _lowp(ref, (x, *params), go, dtype))
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
@@ -107,7 +118,8 @@ def test_encode_knowledge_triton_matches_reference(fresh_seed, dtype, with_tt, o
     ref_out, ref_grads = _grads(run("reference"), [p.double() for p in params], go.double())
     assert out.dtype == dtype
     _check(out, grads, ref_out, ref_grads, dtype,
-           ("word", "pos", "type", "ln_w", "ln_b", "w1", "b1", "w2", "b2"))
+           ("word", "pos", "type", "ln_w", "ln_b", "w1", "b1", "w2", "b2"),
+           _lowp(run("reference"), params, go, dtype))
     for g, p in zip(grads, params):
         assert g.dtype == p.dtype and g.shape == p.shape
 

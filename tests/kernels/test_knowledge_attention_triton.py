@@ -15,7 +15,7 @@ import pluglm_kernels as pk  # noqa: E402
 from pluglm_kernels import _backends  # noqa: E402
 from pluglm_kernels import reference as R  # noqa: E402
 
-from conftest import RTOL, rel_err, triton_device  # noqa: E402
+from conftest import RTOL, lowp_tol, rel_err, triton_device  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -34,21 +34,29 @@ def _inputs(B, T, H, Dh, N, dtype):
 
 
 def _ref_with_grads(q, k, v, bias, beta, go, p, seed):
+    """float64 reference outputs and gradients, and the gradients of the reference run on
+    the inputs as given (float32 accumulation), the yardstick of rounding in _grad_tol."""
     xs = [t.detach().cpu().to(torch.float64).requires_grad_() for t in (q, k, v, bias, beta)]
     out, lse = R.knowledge_attention(*xs, p, seed)
     out.backward(go.cpu().to(torch.float64))
-    return out.detach(), lse, [x.grad for x in xs]
+    lows = [t.detach().cpu().clone().requires_grad_() for t in (q, k, v, bias, beta)]
+    low, _ = R.knowledge_attention(*lows, p, seed)
+    low.backward(go.cpu().to(low.dtype))
+    return out.detach(), lse, [x.grad for x in xs], [x.grad for x in lows]
 
 
 def _tol(dtype):
     return RTOL[dtype] if dtype == torch.float32 else 1e-2
 
 
-def _grad_tol(dtype):
+def _grad_tol(dtype, low=None, ref=None):
     # Gradients are sums over B*T (dbeta over B*T*N) terms with cancellation, computed from
-    # inputs rounded to the kernel dtype: fresh random inputs put f32 at up to ~1.5e-5 and
-    # bf16 at up to ~1.2e-2 against float64 (as in the CUDA tests).
-    return 5e-5 if dtype == torch.float32 else 2e-2
+    # inputs rounded to the kernel dtype. dbeta's relative error follows the cancellation
+    # (float32, N=256, 170 seeds: up to 2.9e-4; 5e-5 failed 1 run), so the floor rises
+    # to 8x the error of the same reference run in the input dtype (``low``;
+    # conftest.lowp_tol): largest error / tolerance 0.27. bf16 dq/dk/dv: up to 9.9e-3.
+    floor = 5e-5 if dtype == torch.float32 else 2e-2
+    return floor if low is None else lowp_tol(floor, low, ref)
 
 
 def test_registered():
@@ -68,14 +76,15 @@ def test_forward_backward(fresh_seed, shape, p, dtype):
     seed = 31 + (5 << 32)
     out, lse = TK.knowledge_attention_fwd(q, k, v, bias, beta, p, seed)
     go = torch.randn_like(q)
-    ref_out, ref_lse, ref_grads = _ref_with_grads(q, k, v, bias, beta, go, p, seed)
+    ref_out, ref_lse, ref_grads, low_grads = _ref_with_grads(q, k, v, bias, beta, go, p, seed)
     tol = _tol(dtype)
     assert out.dtype == dtype and rel_err(out.cpu(), ref_out) < tol
     assert rel_err(lse.cpu(), ref_lse) < 1e-5
     grads = TK.knowledge_attention_bwd(go, q, k, v, bias, beta, out, lse, p, seed)
-    for name, g, r, x in zip("dq dk dv dbias dbeta".split(), grads, ref_grads, (q, k, v, bias, beta)):
+    for name, g, r, lo, x in zip("dq dk dv dbias dbeta".split(), grads, ref_grads, low_grads,
+                                 (q, k, v, bias, beta)):
         assert g.dtype == x.dtype and g.shape == x.shape, name
-        assert rel_err(g.cpu(), r) < _grad_tol(dtype), (name, rel_err(g.cpu(), r))
+        assert rel_err(g.cpu(), r) < _grad_tol(dtype, lo, r), (name, rel_err(g.cpu(), r))
 
 
 def test_backward_several_tiles_per_split(fresh_seed, monkeypatch):
@@ -83,12 +92,12 @@ def test_backward_several_tiles_per_split(fresh_seed, monkeypatch):
     q, k, v, bias, beta = _inputs(1, 200, 1, 32, 3, torch.float32)
     out, lse = TK.knowledge_attention_fwd(q, k, v, bias, beta, 0.1, 8)
     go = torch.randn_like(q)
-    _, _, ref_grads = _ref_with_grads(q, k, v, bias, beta, go, 0.1, 8)
+    _, _, ref_grads, low_grads = _ref_with_grads(q, k, v, bias, beta, go, 0.1, 8)
     g1 = TK.knowledge_attention_bwd(go, q, k, v, bias, beta, out, lse, 0.1, 8)
     g2 = TK.knowledge_attention_bwd(go, q, k, v, bias, beta, out, lse, 0.1, 8)
-    for a, b, r in zip(g1, g2, ref_grads):
+    for a, b, r, lo in zip(g1, g2, ref_grads, low_grads):
         assert torch.equal(a, b)  # deterministic: no atomics
-        assert rel_err(a.cpu(), r) < _grad_tol(torch.float32)
+        assert rel_err(a.cpu(), r) < _grad_tol(torch.float32, lo, r)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -120,13 +129,13 @@ def test_chunked_over_n(fresh_seed, monkeypatch, dtype, gather, p):
     else:
         out, lse = TK.knowledge_attention_fwd(q, k, v, bias, beta, p, seed)
         run = lambda: TK.knowledge_attention_bwd(go, q, k, v, bias, beta, out, lse, p, seed)  # noqa: E731
-    ref_out, ref_lse, ref_grads = _ref_with_grads(q, k, v, bias, beta, go, p, seed)
+    ref_out, ref_lse, ref_grads, low_grads = _ref_with_grads(q, k, v, bias, beta, go, p, seed)
     assert out.dtype == dtype and rel_err(out.cpu(), ref_out) < _tol(dtype)
     assert rel_err(lse.cpu(), ref_lse) < 1e-5
     g1, g2 = run(), run()
-    for name, a, b, r in zip("dq dk dv dbias dbeta".split(), g1, g2, ref_grads):
+    for name, a, b, r, lo in zip("dq dk dv dbias dbeta".split(), g1, g2, ref_grads, low_grads):
         assert torch.equal(a, b), name  # deterministic
-        assert rel_err(a.cpu(), r) < _grad_tol(dtype), (name, rel_err(a.cpu(), r))
+        assert rel_err(a.cpu(), r) < _grad_tol(dtype, lo, r), (name, rel_err(a.cpu(), r))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -138,12 +147,12 @@ def test_gather_repeated_indices(fresh_seed, dtype):
     idx = torch.tensor([[1, 1, 3, 1], [3, 0, 1, 5]], device=DEV)
     out, lse = TK.gather_knowledge_attention_fwd(q, tk, tv, idx, bias, beta, 0.2, 3)
     go = torch.randn_like(q)
-    ref_out, _, ref_grads = _ref_with_grads(q, tk[idx], tv[idx], bias, beta, go, 0.2, 3)
+    ref_out, _, ref_grads, low_grads = _ref_with_grads(q, tk[idx], tv[idx], bias, beta, go, 0.2, 3)
     tol = _tol(dtype)
     assert rel_err(out.cpu(), ref_out) < tol
     grads = TK.gather_knowledge_attention_bwd(go, q, tk, tv, idx, bias, beta, out, lse, 0.2, 3)
-    for name, g, r in zip("dq dk_rows dv_rows dbias dbeta".split(), grads, ref_grads):
-        assert rel_err(g.cpu(), r) < tol, name
+    for name, g, r, lo in zip("dq dk_rows dv_rows dbias dbeta".split(), grads, ref_grads, low_grads):
+        assert rel_err(g.cpu(), r) < _grad_tol(dtype, lo, r), name
 
 
 def test_public_op_autograd_tables(fresh_seed):

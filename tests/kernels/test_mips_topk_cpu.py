@@ -239,7 +239,10 @@ def test_thread_count_independent(dtype):
 
 
 def test_int8_recall():
-    M, d, k, B = 20000, 128, 10, 16
+    # 64 queries, not 16: over 300 seeds recall@10 was 0.9625-1.0 with 16 (8 misses of 160
+    # fail 0.95: ~2e-4 of runs) and 0.975-0.998 with 64 (mean 0.987, sd 0.004: 0.95 is 9 sd
+    # below). Ignoring the row scales scores 0.43-0.53.
+    M, d, k, B = 20000, 128, 10, 64
     q = torch.randn(B, d)
     keys = torch.randn(M, d)
     k8, scales = pk.quantize_keys(keys)
