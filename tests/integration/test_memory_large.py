@@ -213,4 +213,5 @@ def test_bench_large_ann_and_cost_rows(tmp_path):
         ex = r["extra"]
         assert ex["ratio_to_dense"] == pytest.approx(r["median_ms"] / ex["dense_median_ms"],
                                                      rel=2e-3, abs=2e-3)
-        assert r["repeats"] == 2
+        # cost_rounds=2 is a minimum: rounds go on while the (tiny) budget is not used up
+        assert r["repeats"] >= 2
