@@ -139,6 +139,25 @@ class MeanPoolEncoder(torch.nn.Module):
         return self.k(h), self.v(h)
 
 
+def tiny_memory_model(vocab: int, **overrides):
+    """A 2-layer float64 PlugLMModel (top block a memory layer, reference kernels, no dropout)
+    with weights pushed away from init, for memory tests that compare two read paths."""
+    from pluglm import PlugLMConfig, PlugLMModel
+
+    cfg = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=48, max_position_embeddings=40, type_vocab_size=2,
+               num_memory_layers=1, memory_k=3, key_dim=16, doc_max_length=16,
+               memory_ffn_dim=24, kernel_backend="reference", hidden_dropout_prob=0.0,
+               attention_probs_dropout_prob=0.0, memory_attention_dropout=0.0)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    model = PlugLMModel(PlugLMConfig(**cfg)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out64, ref64 = out.detach().to(torch.float64), ref.detach().to(torch.float64)
     denom = ref64.norm().item()

@@ -7,12 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pluglm import PlugLMConfig, PlugLMModel
 from pluglm.memory import KnowledgeMemory
 from pluglm.memory.texts import TextTable
 from pluglm_kernels import quantize_keys
 
-from conftest import (MeanPoolEncoder as Enc, SMALL_WORDS,
+from conftest import (MeanPoolEncoder as Enc, SMALL_WORDS, tiny_memory_model,
                       random_sentences, wordpiece_tokenizer)
 
 
@@ -148,23 +147,12 @@ def test_format_v1_still_loads(tok, tmp_path):
     assert (d / "texts.bin").is_file() and not (d / "texts.jsonl").exists()
 
 
-def _model(vocab):
-    cfg = PlugLMConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=48, max_position_embeddings=40, type_vocab_size=2,
-                       num_memory_layers=1, memory_k=3, key_dim=16, doc_max_length=16,
-                       memory_ffn_dim=24, kernel_backend="reference")
-    torch.manual_seed(0)
-    model = PlugLMModel(cfg).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model
 
 
 def test_values_on_demand_matches_stored_values(tok):
     """A memory that keeps no value table gives the model output it gives with stored
     values: the model re-encodes the retrieved entries with its knowledge encoder."""
-    model = _model(len(tok))
+    model = tiny_memory_model(len(tok))
     stored = KnowledgeMemory.from_texts(texts(30), tok, max_length=16)
     stored.encode(model, progress=False)
     lean = stored.with_layout(store_values=False)
@@ -188,7 +176,7 @@ def test_refresh_of_an_int8_memory_quantises_on_commit(tok):
     int8 layout; values on demand stay absent."""
     from pluglm.refresh import AsyncKeyRefresher
 
-    model = _model(len(tok)).float()
+    model = tiny_memory_model(len(tok)).float()
     mem = KnowledgeMemory.from_texts(texts(40), tok, max_length=16, key_dtype=torch.int8,
                                      store_values=False)
     mem.encode(model, progress=False)

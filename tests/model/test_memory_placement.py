@@ -10,10 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pluglm import PlugLMConfig, PlugLMModel
 from pluglm.memory import KnowledgeMemory
 
-from conftest import (MeanPoolEncoder as Enc, SMALL_WORDS,
+from conftest import (MeanPoolEncoder as Enc, SMALL_WORDS, tiny_memory_model,
                       random_sentences, wordpiece_tokenizer)
 
 
@@ -161,18 +160,6 @@ def test_bad_placement_arguments_name_the_argument(tok, tmp_path):
     assert mem.placement["values"] == "cpu"  # a failed place changes nothing
 
 
-def _model(vocab):
-    cfg = PlugLMConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=48, max_position_embeddings=40, type_vocab_size=2,
-                       num_memory_layers=1, memory_k=3, key_dim=16, doc_max_length=16,
-                       memory_ffn_dim=24, kernel_backend="reference", hidden_dropout_prob=0.0,
-                       attention_probs_dropout_prob=0.0, memory_attention_dropout=0.0)
-    torch.manual_seed(0)
-    model = PlugLMModel(cfg).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model
 
 
 @pytest.mark.parametrize("store_values", [True, False])
@@ -180,7 +167,7 @@ def test_model_reads_a_placed_memory_exactly(tok, tmp_path, store_values):
     """Eval forwards (stored values, or values on demand re-encoded from staged token ids)
     and training gradients (the retrieved entries re-encoded from staged token ids) are
     bit-identical to the one-device memory's, mapped or not."""
-    model = _model(len(tok))
+    model = tiny_memory_model(len(tok))
     ref = KnowledgeMemory.from_texts(texts(30), tok, max_length=16, store_values=store_values)
     ref.encode(model, progress=False)
     ref.save(tmp_path / "m")
