@@ -25,8 +25,12 @@ paper's corpus MLM; held-out entries never appear in a batch). Each key refresh 
 after retrieval locks in (~step 300) and takes ~800 more steps: 1,600 steps in the full run,
 one seed of it in ``--quick``.
 
-``run_quality(QualityConfig.make(quick, seed))`` returns the result dict; ``write_all``
-writes quality.json, quality.md and the plots. Fractions are in [0, 1].
+``run_quality(QualityConfig.make(quick, seed), jobs=N)`` returns the result dict; ``write_all``
+writes quality.json, quality.md and the plots. Fractions are in [0, 1]. With ``jobs`` > 1 the
+seeds, ablation runs and backend check run side by side in spawn worker processes, one torch
+thread each (``pluglm bench --quality --jobs N``; default one per core): two threads barely
+speed up one run of this small model and stall under contention (benchmarks/NOTES.md,
+"Quality"); the numbers are those of ``jobs=1`` at 1 thread.
 """
 from __future__ import annotations
 
@@ -254,7 +258,12 @@ def train(cfg: QualityConfig, data: _Data, seed: int, *, refresh_interval: int |
         model.align_retrieval(memory)
         memory.encode(model, batch_size=1024, progress=False)
     model.set_memory(memory)
-    refresher = AsyncKeyRefresher(model, memory, interval=interval)
+    # A refresh that training waits for runs at normal priority: "low" (nice +10) only helps
+    # when training goes on beside it; waited for on a loaded CPU, the niced thread starves
+    # (measured: 0.73-1.0 s per waited refresh beside two busy processes, 0.15-0.35 s at
+    # "normal", 0.05 s idle; benchmarks/NOTES.md, "Quality"). Priority never changes a number.
+    refresher = AsyncKeyRefresher(model, memory, interval=interval,
+                                  priority="normal" if cfg.sync_refresh else "low")
     align = RetrievalAlignment(model, weight=cfg.align_weight, steps=cfg.align_steps or None)
     ids, mask, pos, answers = data.train_tensors
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
@@ -419,7 +428,7 @@ def _tasks(cfg: QualityConfig) -> list[tuple[str, object]]:
 def _task_name(task) -> str:
     kind, arg = task
     if kind == "ablation":
-        return f"refresh every {arg or 'never'}"
+        return f"refresh every {arg}" if arg else "refresh never"
     return f"{kind} {arg}"
 
 
@@ -585,6 +594,9 @@ def run_quality(cfg: QualityConfig, log=print, jobs: int = 1) -> dict:
     interval, the backend check) in that many ``spawn`` worker processes, longest first, each
     with ``cfg.threads`` (default 1) torch threads; each unit depends only on its seed, so the
     numbers are those of ``jobs=1`` at the same thread count (benchmarks/NOTES.md, "Quality").
+    With a single unit (``--quick``) it runs in this process, at 1 thread unless
+    ``cfg.threads`` says otherwise. ``jobs=1``: everything in this process, ``cfg.threads``
+    (None: torch's setting).
     """
     t_start = time.perf_counter()
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -592,8 +604,12 @@ def run_quality(cfg: QualityConfig, log=print, jobs: int = 1) -> dict:
     progress = log is not None
     log = log or (lambda *_: None)
     tasks = _tasks(cfg)
+    if jobs > 1 and not cfg.threads:
+        # one torch thread per unit: two barely beat one at d=128 and a 2-thread team stalls
+        # whenever another process takes a core (benchmarks/NOTES.md, "Quality")
+        cfg = replace(cfg, threads=1)
     jobs = min(jobs, len(tasks))
-    if jobs == 1:
+    if jobs == 1:  # one unit (--quick) or jobs=1: in this process
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         data = _Data(cfg)
@@ -605,8 +621,7 @@ def run_quality(cfg: QualityConfig, log=print, jobs: int = 1) -> dict:
             _log_task(log, cfg, task, outs[-1])
         machine = _machine()
     else:
-        threads = cfg.threads or 1
-        cfg = replace(cfg, threads=threads)
+        threads = cfg.threads
         order = sorted(range(len(tasks)), key=lambda i: -_task_cost(cfg, tasks[i]))
         log(f"{len(tasks)} tasks in {jobs} worker processes x {threads} thread(s), longest first: "
             + ", ".join(_task_name(tasks[i]) for i in order))
@@ -683,7 +698,9 @@ def to_markdown(result: dict) -> str:
     ]
     m = result["machine"]
     c = result["config"]
-    lines = [f"Quality (held-out entities), seeds {seeds}; {m['cpu']}, {m['threads']} threads, "
+    par = (f"{m['jobs']} worker processes x {m['threads']} thread(s)" if m.get("jobs", 1) > 1
+           else f"{m['threads']} threads")
+    lines = [f"Quality (held-out entities), seeds {seeds}; {m['cpu']}, {par}, "
              f"torch {m['torch']}. Model d={c['hidden']}, {c['layers']} layers (top one a memory layer), "
              f"N={c['memory_k']}, {c['steps']} steps x {c['batch_size']}; memory {c['n_a']} entries; "
              f"chance (best constant answer) {_pct(ch)}.", "",
