@@ -475,7 +475,7 @@ def _log_task(log, cfg, task, out) -> None:
         log(f"seed {arg}: " + ", ".join(f"{k} {r[k]:.3f}" for k in SUMMARY_FIELDS)
             + f", params_unchanged {r['params_unchanged']}, train {r['train_s']:.0f}s")
     elif kind == "ablation":
-        log(f"refresh every {arg or 'never'} ({r['steps']} steps): accuracy {r['accuracy_right_memory']:.3f} "
+        log(f"{_task_name(task)} ({r['steps']} steps): accuracy {r['accuracy_right_memory']:.3f} "
             f"recall {r['gold_recall']:.3f} train {r['train_s']:.0f}s ({r['refreshes']} refreshes)")
     else:
         log(f"backend {arg} ({r['steps']} steps): accuracy {r['accuracy_right_memory']:.3f} "
