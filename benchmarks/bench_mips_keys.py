@@ -1,5 +1,6 @@
 """Exact search per key dtype, side by side in one process (issue 14: int8 keys at B = 1
-must be >= 3x faster than float32 keys). Every round calls each case once, so all cases see
+must be >= 3x faster than float32 keys; int8 keys also through the float path, to compare
+the VNNI integer path of B = 1 with it). Every round calls each case once, so all cases see
 the same load of a shared machine; medians over the rounds, and each ratio also as the
 median of the per-round ratios. Prints the load average before and after.
 
@@ -32,14 +33,23 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     f32 = torch.randn(a.M, a.d)
     i8, sc = pk.quantize_keys(f32)
+    # "int8-float": the same int8 table through the float path (PLUGLM_CPU_VNNI=0, read per
+    # call), to show what the VNNI integer path of B = 1 gives on the same minute
     tables = {"float32": (f32, None), "bfloat16": (f32.to(torch.bfloat16), None),
-              "int8": (i8, sc)}
+              "int8": (i8, sc), "int8-float": (i8, sc)}
     op = torch.ops.pluglm._C_mips_topk
+
+    def call(q, keys, scales, vnni):
+        os.environ["PLUGLM_CPU_VNNI"] = vnni
+        return op(q, keys, a.k, scales, None)
+
     cases = {}
     for B in a.B:
         q = torch.randn(B, a.d)
         for name, (keys, scales) in tables.items():
-            cases[(B, name)] = lambda q=q, keys=keys, scales=scales: op(q, keys, a.k, scales, None)
+            vnni = "0" if name == "int8-float" else "1"
+            cases[(B, name)] = (lambda q=q, keys=keys, scales=scales, vnni=vnni:
+                                call(q, keys, scales, vnni))
     for fn in cases.values():
         fn()
     print(f"load average before: {os.getloadavg()}, threads {torch.get_num_threads()}, "
@@ -50,16 +60,17 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             fn()
             times[c].append((time.perf_counter() - t0) * 1e3)
+    os.environ.pop("PLUGLM_CPU_VNNI", None)
     print(f"load average after: {os.getloadavg()}")
     for (B, name), ts in times.items():
-        nbytes = a.M * (a.d * tables[name][0].element_size() + (4 if name == "int8" else 0))
+        nbytes = a.M * (a.d * tables[name][0].element_size() + (4 if "int8" in name else 0))
         med = statistics.median(ts)
         print(f"B={B:<4d} {name:9s} median {med:8.2f} ms  p20-p80 "
               f"{statistics.quantiles(ts, n=5)[0]:.2f}-{statistics.quantiles(ts, n=5)[3]:.2f}"
               f"  min {min(ts):8.2f}  {nbytes / med / 1e6:5.1f} GB/s of keys")
     for B in a.B:
         base = times[(B, "float32")]
-        for name in ("int8", "bfloat16"):
+        for name in ("int8", "int8-float", "bfloat16"):
             per_round = [x / y for x, y in zip(base, times[(B, name)])]
             print(f"B={B}: float32 / {name} = "
                   f"{statistics.median(base) / statistics.median(times[(B, name)]):.2f}x "

@@ -50,6 +50,14 @@ TORCH_LIBRARY(pluglm, m) {
   m.def("_C_embed_layernorm_bwd(Tensor dh, Tensor token_ids, Tensor? token_type_ids,"
         " Tensor word, Tensor pos, Tensor type, Tensor ln_w, Tensor mean, Tensor rstd,"
         " int position_offset) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same encoder at inference through precomputed pooler tables (no backward):
+  // word_u [V, Hp], pos_u [P, Hp], type_u [Tt, Hp] f32 (each table row times ln_w, times
+  // W1^T), gamma_u = W1 ln_w and bias_u = W1 ln_b + b1 [Hp], w2 [Hp], b2 [1]. mask [E, T].
+  // Returns pooled [E, D] in the tables' dtype.
+  m.def("_C_encode_knowledge_factored(Tensor token_ids, Tensor mask, Tensor? token_type_ids,"
+        " Tensor word, Tensor pos, Tensor type, Tensor ln_w, Tensor ln_b, Tensor word_u,"
+        " Tensor pos_u, Tensor type_u, Tensor gamma_u, Tensor bias_u, Tensor w2, Tensor b2,"
+        " float eps, int position_offset) -> Tensor");
   // Attentive pooling around the pooler matmul u = x W1^T + b1: x [B, T, D], mask [B, T],
   // u [B, T, Hp] (x's dtype), w2 [Hp], b2 [1]. Returns pooled [B, D] (x's dtype) and
   // alpha [B, T] f32 (masked softmax of w2.tanh(u) + b2; all zero for an empty row).

@@ -51,6 +51,7 @@ import contextlib
 import copy
 import functools
 import math
+import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -332,6 +333,58 @@ class PlugLMKnowledgeEncoder(nn.Module):
                                     denominator_eps=_pool_eps(config))
         self.key_proj = nn.Linear(config.hidden_size, config.key_dim)
         self.value_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        # Inference through precomputed pooler tables (docs/design.md §3,
+        # encode_knowledge_factored); False: always the pooler's matmul (encode_knowledge).
+        self.use_tables = True
+        self._tables = _TablesCache()
+
+
+class _TablesCache:
+    """The ``pluglm_kernels.EncoderTables`` of one encoder, rebuilt when any weight they
+    come from changes (in place: its version counter; replaced: its identity or address).
+    Not module state: no state_dict entry, and a deep copy starts empty (a copy's weights
+    are other tensors)."""
+
+    def __init__(self):
+        self._key = None
+        self._tables = None
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo):
+        return _TablesCache()
+
+    def get(self, emb: "PlugLMEmbeddings", pool) -> "pluglm_kernels.EncoderTables":
+        ts = (emb.word_embeddings.weight, emb.position_embeddings.weight,
+              emb.token_type_embeddings.weight, emb.LayerNorm.weight, emb.LayerNorm.bias,
+              pool.w1, pool.b1)
+        key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.shape, t.device) for t in ts)
+        with self._lock:
+            if self._key != key:
+                self._tables = None  # free the old tables before building the new ones
+                self._tables = pluglm_kernels.encoder_tables(*ts)
+                self._key = key
+            return self._tables
+
+
+def _tables_apply(emb, knowledge_encoder, backend: str, token_ids) -> bool:
+    """Whether this encode may run through the precomputed tables: inference (eval mode, no
+    gradient needed) on CPU, where the fused C++ kernel runs, with a kernel dtype."""
+    if not getattr(knowledge_encoder, "use_tables", False) or knowledge_encoder.training:
+        return False
+    if backend not in ("auto", "cpu") or torch.compiler.is_compiling():
+        return False
+    w = emb.word_embeddings.weight
+    if w.device.type != "cpu" or token_ids.device.type != "cpu":
+        return False
+    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    params = (w, emb.position_embeddings.weight, emb.token_type_embeddings.weight,
+              emb.LayerNorm.weight, emb.LayerNorm.bias, knowledge_encoder.pooler.w1,
+              knowledge_encoder.pooler.b1, knowledge_encoder.pooler.w2,
+              knowledge_encoder.pooler.b2)
+    if any(t.is_inference() for t in params):  # no version counter to key the tables by
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in params))
 
 
 class PlugLMPooler(nn.Module):
@@ -364,6 +417,14 @@ def _encode_entries(emb: "PlugLMEmbeddings", knowledge_encoder: "PlugLMKnowledge
              + emb.position_embeddings.weight[:ids.shape[1]])  # [E, L, d]
         x = F.dropout(emb.LayerNorm(x), emb.dropout.p, training=dropout)
         pooled = pool(x, attention_mask.to(device))  # [E, d]
+        return knowledge_encoder.key_proj(pooled), knowledge_encoder.value_proj(pooled)
+    if _tables_apply(emb, knowledge_encoder, backend, token_ids):
+        pooled = pluglm_kernels.encode_knowledge_factored(
+            token_ids, attention_mask, emb.word_embeddings.weight,
+            emb.position_embeddings.weight, emb.token_type_embeddings.weight,
+            emb.LayerNorm.weight, emb.LayerNorm.bias,
+            knowledge_encoder._tables.get(emb, pool), pool.w2, pool.b2,
+            eps=emb.LayerNorm.eps, backend=backend)  # [E, d]
         return knowledge_encoder.key_proj(pooled), knowledge_encoder.value_proj(pooled)
     pooled = pluglm_kernels.encode_knowledge(
         token_ids.to(device), attention_mask.to(device), emb.word_embeddings.weight,

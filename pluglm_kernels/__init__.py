@@ -26,8 +26,11 @@ from ._backends import (  # noqa: E402
     triton_status,
 )
 from .functional import (  # noqa: E402
+    EncoderTables,
     attentive_pool,
     encode_knowledge,
+    encode_knowledge_factored,
+    encoder_tables,
     gather_knowledge_attention,
     gather_rows,
     knowledge_attention,
@@ -48,7 +51,10 @@ __all__ = [
     "attentive_pool",
     "backend_report",
     "cuda_built",
+    "EncoderTables",
     "encode_knowledge",
+    "encode_knowledge_factored",
+    "encoder_tables",
     "gather_knowledge_attention",
     "gather_rows",
     "knowledge_attention",

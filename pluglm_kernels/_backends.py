@@ -32,6 +32,8 @@ _NATIVE = {
         "_C_attentive_pool_fwd",
         "_C_attentive_pool_bwd",
     ),
+    # inference only (no backward); CPU kernel only, other devices run the reference
+    "encode_knowledge_factored": ("_C_encode_knowledge_factored",),
 }
 # Public ops that have a Triton kernel (filled in by the Triton modules as they import).
 TRITON_OPS: set[str] = set()

@@ -8,6 +8,8 @@ This is the one place a call is validated: the ops below trust what they get (se
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import _backends, reference
@@ -234,19 +236,11 @@ def attentive_pool(x, mask, w1, b1, w2, b2, *, backend: str = "auto") -> torch.T
                                            b2.reshape(1).contiguous(), backend)
 
 
-def encode_knowledge(token_ids, attention_mask, word_embeddings, position_embeddings,
-                     token_type_embeddings, ln_weight, ln_bias, w1, b1, w2, b2, *,
-                     token_type_ids=None, eps: float = 1e-12, position_offset: int = 0,
-                     backend: str = "auto") -> torch.Tensor:
-    """Memory-entry encoder: token ids [E, T] -> pooled [E, D].
-
-    Fuses the embedding gather (word + position + token type), LayerNorm and attentive
-    pooling: attentive_pool(LayerNorm(word[ids] + pos[t + position_offset] + type[tt]), mask).
-    Tables: word [V, D], position [P, D], token type [Tt, D]; ln_weight/ln_bias [D];
-    pooler w1 [Hp, D], b1 [Hp], w2 [Hp], b2 [1]. Differentiable in every float tensor.
-    """
-    V.backend("backend", backend)
-    floats = _floats(backend)
+def _check_encoder(token_ids, attention_mask, word_embeddings, position_embeddings,
+                   token_type_embeddings, ln_weight, ln_bias, w2, b2, Hp, token_type_ids,
+                   eps, position_offset, floats) -> None:
+    """The argument checks encode_knowledge and encode_knowledge_factored share (the
+    pooler's first layer, which defines Hp, is checked by the caller)."""
     V.tensor("token_ids", token_ids, ndim=2, dtypes=_INT_IDS)
     dev = token_ids.device
     E, T = token_ids.shape
@@ -271,12 +265,6 @@ def encode_knowledge(token_ids, attention_mask, word_embeddings, position_embedd
     if token_type_ids is not None:
         V.tensor("token_type_ids", token_type_ids, ndim=2, dtypes=_INT_IDS, device=dev)
         V.shape("token_type_ids", token_type_ids, (E, T))
-    V.tensor("w1", w1, ndim=2, dtypes=_REF_FLOATS, device=dev)
-    if w1.shape[1] != D:
-        raise ValueError(f"w1 must have shape [Hp, {D}], got {tuple(w1.shape)}")
-    Hp = w1.shape[0]
-    V.tensor("b1", b1, ndim=1, dtypes=_REF_FLOATS, device=dev)
-    V.shape("b1", b1, (Hp,))
     V.tensor("w2", w2, dtypes=_REF_FLOATS, device=dev)
     if w2.numel() != Hp or w2.dim() > 2:
         raise ValueError(f"w2 must have shape [{Hp}] or [1, {Hp}], got {tuple(w2.shape)}")
@@ -298,11 +286,148 @@ def encode_knowledge(token_ids, attention_mask, word_embeddings, position_embedd
             lo, hi = bounds[2:]
             if lo < 0 or hi >= token_type_embeddings.shape[0]:
                 raise ValueError(f"token_type_ids must be in [0, {token_type_embeddings.shape[0]})")
+
+
+def encode_knowledge(token_ids, attention_mask, word_embeddings, position_embeddings,
+                     token_type_embeddings, ln_weight, ln_bias, w1, b1, w2, b2, *,
+                     token_type_ids=None, eps: float = 1e-12, position_offset: int = 0,
+                     backend: str = "auto") -> torch.Tensor:
+    """Memory-entry encoder: token ids [E, T] -> pooled [E, D].
+
+    Fuses the embedding gather (word + position + token type), LayerNorm and attentive
+    pooling: attentive_pool(LayerNorm(word[ids] + pos[t + position_offset] + type[tt]), mask).
+    Tables: word [V, D], position [P, D], token type [Tt, D]; ln_weight/ln_bias [D];
+    pooler w1 [Hp, D], b1 [Hp], w2 [Hp], b2 [1]. Differentiable in every float tensor.
+    """
+    V.backend("backend", backend)
+    V.tensor("word_embeddings", word_embeddings, ndim=2, dtypes=_floats(backend))
+    D = word_embeddings.shape[1]
+    V.tensor("w1", w1, ndim=2, dtypes=_REF_FLOATS, device=word_embeddings.device)
+    if w1.shape[1] != D:
+        raise ValueError(f"w1 must have shape [Hp, {D}], got {tuple(w1.shape)}")
+    Hp = w1.shape[0]
+    V.tensor("b1", b1, ndim=1, dtypes=_REF_FLOATS, device=word_embeddings.device)
+    V.shape("b1", b1, (Hp,))
+    _check_encoder(token_ids, attention_mask, word_embeddings, position_embeddings,
+                   token_type_embeddings, ln_weight, ln_bias, w2, b2, Hp, token_type_ids, eps,
+                   position_offset, _floats(backend))
     return torch.ops.pluglm.encode_knowledge(
         token_ids.contiguous(), attention_mask.contiguous(), word_embeddings, position_embeddings,
         token_type_embeddings, ln_weight, ln_bias, w1.contiguous(), b1, w2.reshape(Hp),
         b2.reshape(1), None if token_type_ids is None else token_type_ids.contiguous(),
         float(eps), position_offset, backend)
+
+
+class EncoderTables(NamedTuple):
+    """The pooler's first layer applied to every embedding-table row, for
+    ``encode_knowledge_factored`` (docs/design.md §3, encode_knowledge_factored): float32
+    ``word_u`` [V, Hp] = (word * ln_weight) W1^T, ``pos_u`` [P, Hp] and ``type_u`` [Tt, Hp]
+    likewise, ``gamma_u`` [Hp] = W1 ln_weight, ``bias_u`` [Hp] = W1 ln_bias + b1."""
+
+    word_u: torch.Tensor
+    pos_u: torch.Tensor
+    type_u: torch.Tensor
+    gamma_u: torch.Tensor
+    bias_u: torch.Tensor
+
+
+def encoder_tables(word_embeddings, position_embeddings, token_type_embeddings, ln_weight,
+                   ln_bias, w1, b1, *, chunk_rows: int = 4096) -> EncoderTables:
+    """Precompute the tables of ``encode_knowledge_factored`` from the encoder's weights.
+
+    Computed in float64 a chunk of rows at a time (peak extra memory ~ chunk_rows x (D + Hp)
+    doubles) and stored in float32 on the tables' device: 4 (V + P + Tt) Hp bytes, 94 MB for
+    BERT-base. Valid until any of these weights changes; no gradient."""
+    with torch.no_grad():
+        dev = word_embeddings.device
+        D = word_embeddings.shape[1]
+        for name, t in (("word_embeddings", word_embeddings),
+                        ("position_embeddings", position_embeddings),
+                        ("token_type_embeddings", token_type_embeddings)):
+            V.tensor(name, t, ndim=2, dtypes=_REF_FLOATS, device=dev)
+            if t.shape[1] != D:
+                raise ValueError(f"{name} must be [*, {D}], got {tuple(t.shape)}")
+        for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+            V.tensor(name, t, ndim=1, dtypes=_REF_FLOATS, device=dev)
+            V.shape(name, t, (D,))
+        V.tensor("w1", w1, ndim=2, dtypes=_REF_FLOATS, device=dev)
+        if w1.shape[1] != D:
+            raise ValueError(f"w1 must have shape [Hp, {D}], got {tuple(w1.shape)}")
+        Hp = w1.shape[0]
+        V.tensor("b1", b1, ndim=1, dtypes=_REF_FLOATS, device=dev)
+        V.shape("b1", b1, (Hp,))
+        chunk_rows = V.integer("chunk_rows", chunk_rows, lo=1)
+        f64 = torch.float64
+        w1t = w1.to(f64).t()  # [D, Hp]
+        g = ln_weight.to(f64)
+
+        def project(table):
+            out = torch.empty(table.shape[0], Hp, dtype=torch.float32, device=dev)
+            for a in range(0, table.shape[0], chunk_rows):
+                out[a:a + chunk_rows] = (table[a:a + chunk_rows].to(f64) * g) @ w1t
+            return out
+
+        return EncoderTables(project(word_embeddings), project(position_embeddings),
+                             project(token_type_embeddings),
+                             (g @ w1t).to(torch.float32),
+                             (ln_bias.to(f64) @ w1t + b1.to(f64)).to(torch.float32))
+
+
+def encode_knowledge_factored(token_ids, attention_mask, word_embeddings, position_embeddings,
+                              token_type_embeddings, ln_weight, ln_bias, tables, w2, b2, *,
+                              token_type_ids=None, eps: float = 1e-12,
+                              position_offset: int = 0, backend: str = "auto") -> torch.Tensor:
+    """``encode_knowledge`` at inference, through ``encoder_tables``: token ids [E, T] ->
+    pooled [E, D] in the tables' dtype, O(D + Hp) work per token instead of O(D Hp)
+    (docs/design.md §3, encode_knowledge_factored).
+
+    Same arguments as encode_knowledge with the pooler's w1, b1 replaced by ``tables``
+    (an ``EncoderTables`` from the same weights). The output equals encode_knowledge's up
+    to float32 rounding (the pooler's pre-activations are summed in another order). No
+    gradient: raises ValueError when one would be needed. backend: "cpu" (C++ kernel, what
+    "auto" picks for CPU tensors) or "reference" (PyTorch, any device and float64)."""
+    V.backend("backend", backend)
+    if backend in ("triton", "cuda"):
+        raise ValueError(f"backend must be 'auto', 'cpu' or 'reference' for "
+                         f"encode_knowledge_factored, got {backend!r}")
+    if not isinstance(tables, EncoderTables):
+        raise TypeError(f"tables must be an EncoderTables (pluglm_kernels.encoder_tables), got "
+                        f"{type(tables).__name__}")
+    floats = _floats(backend)
+    V.tensor("word_embeddings", word_embeddings, ndim=2, dtypes=floats)
+    dev = word_embeddings.device
+    for name, t in zip(EncoderTables._fields, tables):
+        V.tensor(f"tables.{name}", t, dtypes=(torch.float32, torch.float64), device=dev)
+    Hp = tables.gamma_u.shape[0] if tables.gamma_u.dim() == 1 else -1
+    for name, t, rows in (("word_u", tables.word_u, word_embeddings.shape[0]),
+                          ("pos_u", tables.pos_u, position_embeddings.shape[0]),
+                          ("type_u", tables.type_u, token_type_embeddings.shape[0]),
+                          ("gamma_u", tables.gamma_u, None), ("bias_u", tables.bias_u, None)):
+        want = (Hp,) if rows is None else (rows, Hp)
+        if Hp <= 0 or tuple(t.shape) != want:
+            raise ValueError(f"tables.{name} must have shape {want} (tables of these "
+                             f"embeddings), got {tuple(t.shape)}")
+    _check_encoder(token_ids, attention_mask, word_embeddings, position_embeddings,
+                   token_type_embeddings, ln_weight, ln_bias, w2, b2, Hp, token_type_ids, eps,
+                   position_offset, floats)
+    if torch.is_grad_enabled() and any(
+            t.requires_grad for t in (word_embeddings, position_embeddings,
+                                      token_type_embeddings, ln_weight, ln_bias, w2, b2, *tables)):
+        raise ValueError("encode_knowledge_factored has no gradient: use encode_knowledge to "
+                         "train, or call it under torch.no_grad()")
+    tt = None if token_type_ids is None else token_type_ids.contiguous()
+    be = "reference" if word_embeddings.dtype == torch.float64 and backend == "auto" else backend
+    be = _backends.resolve("encode_knowledge_factored", be, token_ids.device)
+    if be == "reference":
+        return reference.encode_knowledge_factored(
+            token_ids, attention_mask, word_embeddings, position_embeddings,
+            token_type_embeddings, ln_weight, ln_bias, tables, w2.reshape(Hp), b2.reshape(1),
+            tt, float(eps), position_offset)
+    return torch.ops.pluglm._C_encode_knowledge_factored(
+        token_ids.contiguous(), attention_mask, tt, word_embeddings, position_embeddings,
+        token_type_embeddings, ln_weight, ln_bias, tables.word_u.float(), tables.pos_u.float(),
+        tables.type_u.float(), tables.gamma_u.float(), tables.bias_u.float(), w2.reshape(Hp),
+        b2.reshape(1), float(eps), position_offset)
 
 
 _GATHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8,

@@ -193,3 +193,32 @@ def encode_knowledge(token_ids, attention_mask, word_embeddings, position_embedd
     h = embed(token_ids, word_embeddings, position_embeddings, token_type_embeddings, ln_weight,
               ln_bias, token_type_ids, eps, position_offset)
     return attentive_pool(h, attention_mask, w1, b1, w2, b2)
+
+
+def encode_knowledge_factored(token_ids, attention_mask, word_embeddings, position_embeddings,
+                              token_type_embeddings, ln_weight, ln_bias, tables, w2, b2,
+                              token_type_ids=None, eps=1e-12, position_offset=0):
+    """encode_knowledge through precomputed pooler tables (functional.encoder_tables):
+    u_t = (word_u[id] + pos_u[p] + type_u[tt] - mean_t gamma_u) rstd_t + bias_u and
+    pooled = ln_weight * sum_t alpha_t (z_t - mean_t) rstd_t + ln_bias. Returns [E, D]."""
+    E, T = token_ids.shape
+    acc = _acc_dtype(word_embeddings, tables.word_u)
+    ids = token_ids.long()
+    pos = torch.arange(position_offset, position_offset + T, device=token_ids.device)
+    tt = torch.zeros_like(ids) if token_type_ids is None else token_type_ids.long()
+    z = (word_embeddings[ids].to(acc) + position_embeddings[pos].to(acc)[None]
+         + token_type_embeddings[tt].to(acc))  # [E, T, D]
+    mu = z.mean(-1, keepdim=True)
+    rs = torch.rsqrt((z - mu).square().mean(-1, keepdim=True) + eps)
+    u = ((tables.word_u[ids].to(acc) + tables.pos_u[pos].to(acc)[None] + tables.type_u[tt].to(acc)
+          - mu * tables.gamma_u.to(acc)) * rs + tables.bias_u.to(acc))  # [E, T, Hp]
+    s = torch.tanh(u) @ w2.to(acc).reshape(-1) + b2.to(acc).reshape(())
+    keep = attention_mask.to(torch.bool)
+    s = s.masked_fill(~keep, float("-inf"))
+    m = s.max(dim=1, keepdim=True).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m) * keep
+    alpha = e / e.sum(dim=1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
+    pooled = ln_weight.to(acc) * (alpha[..., None] * (z - mu) * rs).sum(1) + ln_bias.to(acc)
+    pooled = torch.where(keep.any(1, keepdim=True), pooled, torch.zeros_like(pooled))
+    return pooled.to(word_embeddings.dtype).contiguous()

@@ -25,11 +25,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "checks.h"
 #include "isa.h"
+#include "tanh.h"
 
 namespace {
 
@@ -343,9 +345,129 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> embed_layernorm_bwd(
   return {dword, dpos, dtype, dlnw, dlnb};
 }
 
+// ------------------------------------------------ factored encoder (inference only)
+//
+// The pooler's u_t = W1 x_t + b1 with x_t = LayerNorm(z_t), z_t = word[id] + pos[p] + type[tt]
+// is linear in z_t once the LayerNorm statistics are known:
+//   u_t = (word_u[id] + pos_u[p] + type_u[tt] - mean_t * gamma_u) * rstd_t + bias_u
+// with word_u = (word * ln_w) W1^T, pos_u, type_u likewise, gamma_u = W1 ln_w and
+// bias_u = W1 ln_b + b1, precomputed once per weight version (functional.encoder_tables).
+// That turns the O(D Hp) matmul per token into O(D + Hp) work, and the pooled row is
+// sum_t alpha_t x_t = ln_w * sum_t alpha_t (z_t - mean_t) rstd_t + ln_b: one pass per entry
+// over its tokens, nothing [E, T, D]-sized allocated. Semantics otherwise those of
+// encode_knowledge (masked, max-subtracted softmax; an entry with no token pools to zero).
+
+template <typename T>
+void encode_factored_kernel(const Tables& tb, const bool* mask, const float* lnw,
+                            const float* lnb, const float* word_u, const float* pos_u,
+                            const float* type_u, const float* gamma_u, const float* bias_u,
+                            const float* w2, float b2, int64_t Hp, float eps, T* pooled,
+                            BadId& bad) {
+  const EmbedGeom g = tb.g;
+  const int64_t* ids = tb.ids.data_ptr<int64_t>();
+  const int64_t* tt = tb.tt.defined() ? tb.tt.data_ptr<int64_t>() : nullptr;
+  const T* word = tb.word.data_ptr<T>();
+  const T* pos = tb.pos.data_ptr<T>();
+  const T* type = tb.type.data_ptr<T>();
+  const int64_t D = g.D, Tn = g.T;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  parallel_for_isa(g.E, 1, [&](int64_t e0, int64_t e1) PLUGLM_TASK_INLINE {
+    // xhat rows of one entry (T x D floats, L2-sized for 128-token entries) and its scores
+    std::vector<float> bw(D), bp(D), bt(D), z(D), acc(D), xhat(Tn * D), s(Tn), u(Hp);
+    for (int64_t e = e0; e < e1; ++e) {
+      bool any = false;
+      for (int64_t t = 0; t < Tn; ++t) {
+        const int64_t n = e * Tn + t;
+        s[t] = kNegInf;
+        if (!mask[n]) continue;
+        any = true;
+        int64_t wr, pr, tr;
+        if (!token_rows(ids, tt, g, n, bad, wr, pr, tr)) continue;
+        add3(as_float(word + wr * D, bw.data(), D), as_float(pos + pr * D, bp.data(), D),
+             as_float(type + tr * D, bt.data(), D), z.data(), D);
+        float mu, rs;
+        row_stats(z.data(), D, eps, &mu, &rs);
+        float* xh = xhat.data() + t * D;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) xh[i] = (z[i] - mu) * rs;
+        const float* a = word_u + wr * Hp;
+        const float* p = pos_u + pr * Hp;
+        const float* c = type_u + tr * Hp;
+        float* ur = u.data();
+#pragma omp simd
+        for (int64_t i = 0; i < Hp; ++i) ur[i] = (a[i] + p[i] + c[i] - mu * gamma_u[i]) * rs + bias_u[i];
+        s[t] = tanh_dot(ur, w2, Hp) + b2;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      if (any) {  // the same softmax as attentive_pool_fwd (all-NaN scores stay NaN)
+        float m = kNegInf;
+        for (int64_t t = 0; t < Tn; ++t) m = std::max(m, s[t]);
+        const float mm = (m == kNegInf) ? 0.f : m;
+        float l = 0.f;
+        for (int64_t t = 0; t < Tn; ++t) {
+          s[t] = std::exp(s[t] - mm);
+          l += s[t];
+        }
+        const float inv = 1.f / l;
+        for (int64_t t = 0; t < Tn; ++t) {
+          const float al = s[t] * inv;
+          if (al != 0.f) axpy(al, xhat.data() + t * D, acc.data(), D);
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) acc[i] = acc[i] * lnw[i] + lnb[i];
+      }
+      store_row(acc.data(), pooled + e * D, D);
+    }
+  });
+}
+
+Tensor f32_table(const Tensor& t, const char* name, int64_t rows, int64_t Hp) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == Hp, name, " must be [", rows,
+              ", ", Hp, "], got ", t.sizes());
+  return t.contiguous();
+}
+
+Tensor encode_knowledge_factored(const Tensor& token_ids, const Tensor& mask,
+                                 const c10::optional<Tensor>& token_type_ids, const Tensor& word,
+                                 const Tensor& pos, const Tensor& type, const Tensor& ln_w,
+                                 const Tensor& ln_b, const Tensor& word_u, const Tensor& pos_u,
+                                 const Tensor& type_u, const Tensor& gamma_u,
+                                 const Tensor& bias_u, const Tensor& w2, const Tensor& b2,
+                                 double eps, int64_t position_offset) {
+  Tables tb = check_tables(token_ids, token_type_ids, word, pos, type, position_offset);
+  const EmbedGeom g = tb.g;
+  TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  check_cpu(mask, "mask");
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == g.E && mask.size(1) == g.T,
+              "mask must have shape [", g.E, ", ", g.T, "], got ", mask.sizes());
+  Tensor m = (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
+  TORCH_CHECK(word_u.dim() == 2, "word_u must be [V, Hp], got ", word_u.sizes());
+  const int64_t Hp = word_u.size(1);
+  TORCH_CHECK(Hp > 0, "word_u must have Hp > 0");
+  Tensor wu = f32_table(word_u, "word_u", g.V, Hp), pu = f32_table(pos_u, "pos_u", g.P, Hp),
+         tu = f32_table(type_u, "type_u", g.Tt, Hp);
+  Tensor gu = small_f32(gamma_u, "gamma_u", Hp), bu = small_f32(bias_u, "bias_u", Hp);
+  Tensor w = small_f32(ln_w, "ln_weight", g.D), b = small_f32(ln_b, "ln_bias", g.D);
+  Tensor w2f = small_f32(w2, "w2", Hp), b2f = small_f32(b2, "b2", 1);
+  Tensor pooled = at::empty({g.E, g.D}, word.options());  // [E, D]
+  BadId bad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, word.scalar_type(), "encode_factored", [&] {
+    encode_factored_kernel<scalar_t>(
+        tb, m.data_ptr<bool>(), w.data_ptr<float>(), b.data_ptr<float>(), wu.data_ptr<float>(),
+        pu.data_ptr<float>(), tu.data_ptr<float>(), gu.data_ptr<float>(), bu.data_ptr<float>(),
+        w2f.data_ptr<float>(), b2f.data_ptr<float>()[0], Hp, static_cast<float>(eps),
+        pooled.data_ptr<scalar_t>(), bad);
+  });
+  bad.report(g);
+  return pooled;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pluglm, CPU, m) {
   m.impl("_C_embed_layernorm_fwd", &embed_layernorm_fwd);
   m.impl("_C_embed_layernorm_bwd", &embed_layernorm_bwd);
+  m.impl("_C_encode_knowledge_factored", &encode_knowledge_factored);
 }

@@ -12,12 +12,15 @@
 // B = 1 on AVX-512 skips the block buffer: scan_b1_avx512 widens each key row in registers
 // and scores 16 rows per step: a search that reads every key once is bandwidth-bound only
 // if a row's work (~7 ns per thread for 128 int8 columns here) stays below the ~11 ns a
-// 132-byte row takes to arrive at ~12 GB/s.
+// 132-byte row takes to arrive at ~12 GB/s. B = 1 over int8 keys on a CPU with AVX-512 VNNI
+// goes further: integer dots against the query quantised to 30 bits (scan_b1_i8_vnni), 3
+// instructions per 32 columns instead of 3 per 16.
 //
 // Determinism. Every score is the same sequence of fused multiply-adds over c = 0..d-1 (for
 // B <= 4, 16 strided chains and a fixed horizontal sum) whatever the partition, block or
-// thread count: the sequence depends only on the instruction set picked for the call and on
-// B, which picks the kernel. The heaps and the merge use the total order (score desc, index
+// thread count: the sequence depends only on the instruction set picked for the call (and,
+// for B = 1 over int8 keys, on whether the VNNI path runs: PLUGLM_CPU_VNNI=0 turns it off)
+// and on B, which picks the kernel. The heaps and the merge use the total order (score desc, index
 // asc). So results do not depend on the number of threads, and copies of a key tie exactly
 // and come out lower index first. A NaN score (NaN in a key row) is never selected.
 //
@@ -32,7 +35,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../kernel_limits.h"
@@ -402,6 +407,159 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void scan_b1_avx51
   }
 }
 
+// ------------------------------------------- B = 1, int8 keys, AVX-512 VNNI: integer dots
+//
+// The float path above spends 3 instructions per 16 int8 columns (sign-extend, convert,
+// FMA) and cannot keep up with the bus at B = 1 (benchmarks/NOTES.md, issue 14). Here the
+// query is quantised once per call to Q_c = round(q_c / s), |Q_c| < 2^30,
+// s = max|q| / (2^30 - 2^16) (a grid 2^-30 of max|q| apart: finer than float32 keeps q_c
+// to relative to max|q|), and split into two int16 planes Q = Qh 2^15 + Ql, Ql in [0, 2^15).
+// Each 32-column piece of a key row is sign-extended to int16 once and fed to two vpdpwssd
+// (int16 pairs multiplied and added into int32 lanes, exactly): 3 instructions per 32
+// columns. The lane sums are exact integers (|sum| <= 127 * 2^15 * d < 2^31 for d <= 512),
+// so a row's score (Sh 2^15 + Sl) * s * scale_j depends only on the row and the query:
+// thread-count independence and exact ties of copies hold as in the float path. Scores
+// differ from the float path's by float rounding (~1e-7 relative); PLUGLM_CPU_VNNI=0
+// selects the float path (tests compare the two).
+constexpr int64_t kVnniMaxD = 512;
+
+inline bool vnni_enabled() {
+  static const bool hw = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+  }();
+  const char* env = std::getenv("PLUGLM_CPU_VNNI");
+  return hw && !(env != nullptr && std::strcmp(env, "0") == 0);
+}
+
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512i reduce16i(
+    const __m512i* acc) {
+  // reduce16 on int32 lanes (same tree: the shuffles move bits, the adds are integer)
+  __m512i w[8], y[4], u[2];
+#define f _mm512_castsi512_ps
+#define g _mm512_castps_si512
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    const __m512i a = acc[kReduceOrder[2 * i]], b = acc[kReduceOrder[2 * i + 1]];
+    w[i] = _mm512_add_epi32(g(_mm512_shuffle_f32x4(f(a), f(b), _MM_SHUFFLE(1, 0, 1, 0))),
+                            g(_mm512_shuffle_f32x4(f(a), f(b), _MM_SHUFFLE(3, 2, 3, 2))));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    y[i] = _mm512_add_epi32(
+        g(_mm512_shuffle_f32x4(f(w[2 * i]), f(w[2 * i + 1]), _MM_SHUFFLE(2, 0, 2, 0))),
+        g(_mm512_shuffle_f32x4(f(w[2 * i]), f(w[2 * i + 1]), _MM_SHUFFLE(3, 1, 3, 1))));
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    u[i] = _mm512_add_epi32(
+        g(_mm512_shuffle_ps(f(y[2 * i]), f(y[2 * i + 1]), _MM_SHUFFLE(1, 0, 1, 0))),
+        g(_mm512_shuffle_ps(f(y[2 * i]), f(y[2 * i + 1]), _MM_SHUFFLE(3, 2, 3, 2))));
+  return _mm512_add_epi32(g(_mm512_shuffle_ps(f(u[0]), f(u[1]), _MM_SHUFFLE(2, 0, 2, 0))),
+                          g(_mm512_shuffle_ps(f(u[0]), f(u[1]), _MM_SHUFFLE(3, 1, 3, 1))));
+#undef f
+#undef g
+}
+
+// One query's int16 planes for scan_b1_i8_vnni: qh, ql [ceil(d / 32) * 32] (zero padded)
+// and the scale s. A zero query gives s = 0 (every score 0).
+struct QueryPlanes {
+  std::vector<int16_t> qh, ql;
+  float scale = 0.f;
+};
+
+// The planes of q [d], or null where s would not be a normal float32 (max|q| below ~1e-29
+// or above ~1e47): such queries take the float path.
+inline std::unique_ptr<QueryPlanes> quantise_query(const float* q, int64_t d) {
+  auto p = std::make_unique<QueryPlanes>();
+  const int64_t dp = (d + 31) / 32 * 32;
+  p->qh.assign(static_cast<size_t>(dp), 0);
+  p->ql.assign(static_cast<size_t>(dp), 0);
+  double qmax = 0.0;
+  for (int64_t c = 0; c < d; ++c) qmax = std::max(qmax, std::fabs(static_cast<double>(q[c])));
+  if (qmax == 0.0) return p;
+  const double s = qmax / static_cast<double>((int64_t{1} << 30) - (int64_t{1} << 16));
+  if (!std::isnormal(static_cast<float>(s))) return nullptr;
+  for (int64_t c = 0; c < d; ++c) {
+    const int64_t Q = std::llrint(static_cast<double>(q[c]) / s);  // |Q| <= 2^30 - 2^16
+    const int64_t hi = Q >> 15;                                      // floor(Q / 2^15)
+    p->qh[c] = static_cast<int16_t>(hi);
+    p->ql[c] = static_cast<int16_t>(Q - (hi << 15));                 // in [0, 2^15)
+  }
+  p->scale = static_cast<float>(s);
+  return p;
+}
+
+template <typename Heap>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) void scan_b1_i8_vnni(
+    const int8_t* keys, const float* scales, const bool* vmask, int64_t d, int64_t m_begin,
+    int64_t m_end, const QueryPlanes& qp, const int8_t* zero_row, Heap& h, float& thr) {
+  const int64_t d_full = d / 32 * 32;
+  const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (d - d_full)) - 1u);
+  const int16_t* qh = qp.qh.data();
+  const int16_t* ql = qp.ql.data();
+  const __m512 qs = _mm512_set1_ps(qp.scale);
+  const __m512 two15 = _mm512_set1_ps(32768.f);
+  // lanes 2r (plane h) and 2r + 1 (plane l) of the two 8-row halves -> rows 0..15
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const int64_t ahead = std::max<int64_t>(16, 4096 / d);  // prefetch ~4 KB ahead (as above)
+  for (int64_t j0 = m_begin; j0 < m_end; j0 += 16) {
+    const int64_t nr = std::min<int64_t>(16, m_end - j0);
+    const int8_t* row[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) row[r] = r < nr ? keys + (j0 + r) * d : zero_row;
+    if (j0 + ahead < m_end) {
+      const char* pf = reinterpret_cast<const char*>(keys + (j0 + ahead) * d);
+      const int64_t pf_bytes = std::min<int64_t>(16, m_end - j0 - ahead) * d;
+      for (int64_t off = 0; off < pf_bytes; off += 64) _mm_prefetch(pf + off, _MM_HINT_T0);
+    }
+    __m512i half[2];
+#pragma GCC unroll 2
+    for (int hf = 0; hf < 2; ++hf) {
+      __m512i acc[16];  // acc[2r] plane h, acc[2r + 1] plane l of row 8 hf + r
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_si512();
+      int64_t c = 0;
+      for (; c < d_full; c += 32) {
+        const __m512i vh = _mm512_loadu_si512(qh + c), vl = _mm512_loadu_si512(ql + c);
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) {
+          const __m512i k16 = _mm512_cvtepi8_epi16(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[8 * hf + r] + c)));
+          acc[2 * r] = _mm512_dpwssd_epi32(acc[2 * r], k16, vh);
+          acc[2 * r + 1] = _mm512_dpwssd_epi32(acc[2 * r + 1], k16, vl);
+        }
+      }
+      if (tail) {
+        const __m512i vh = _mm512_loadu_si512(qh + c), vl = _mm512_loadu_si512(ql + c);
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) {
+          const __m512i k16 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(tail, row[8 * hf + r] + c));
+          acc[2 * r] = _mm512_dpwssd_epi32(acc[2 * r], k16, vh);
+          acc[2 * r + 1] = _mm512_dpwssd_epi32(acc[2 * r + 1], k16, vl);
+        }
+      }
+      half[hf] = reduce16i(acc);
+    }
+    const __m512 sh = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(half[0], even, half[1]));
+    const __m512 sl = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(half[0], odd, half[1]));
+    const __mmask16 live = static_cast<__mmask16>((1u << nr) - 1u);
+    __m512 s = _mm512_fmadd_ps(sh, two15, sl);
+    s = _mm512_mul_ps(_mm512_mul_ps(s, qs), _mm512_maskz_loadu_ps(live, scales + j0));
+    __mmask16 hit = _mm512_mask_cmp_ps_mask(live, s, _mm512_set1_ps(thr), _CMP_GE_OQ);
+    if (!hit) continue;
+    alignas(64) float sv[16];
+    _mm512_store_ps(sv, s);
+    while (hit) {
+      const int r = __builtin_ctz(hit);
+      hit &= static_cast<__mmask16>(hit - 1);
+      const int64_t j = j0 + r;
+      if (vmask && !vmask[j]) continue;
+      if (sv[r] >= thr) thr = h.push(sv[r], j);
+    }
+  }
+}
+
 template <int NV, int NR>
 __attribute__((target("avx2,fma"))) bool kernel_avx2(const float* qt, const float* rows,
                                                      int64_t ld, int64_t d, const float* thr,
@@ -655,6 +813,13 @@ std::tuple<at::Tensor, at::Tensor> mips_topk_cpu(const at::Tensor& queries, cons
     TORCH_CHECK(finite, "_C_mips_topk: queries must be finite (found NaN or Inf)");
   }
 
+#ifdef PLUGLM_X86
+  // B = 1 over int8 keys on a VNNI CPU: integer dots against the quantised query
+  std::unique_ptr<QueryPlanes> planes;
+  if (impl.scan_b1 && kt == KeyType::I8 && d <= kVnniMaxD && vnni_enabled())
+    planes = quantise_query(qt.data(), d);
+#endif
+
   // Keys per block: a multiple of NR near kBlockBytes of float32 rows.
   int64_t kb = std::max<int64_t>(1, kBlockBytes / (d * 4) / NR) * NR;
   const int64_t n_threads = std::max<int>(1, at::get_num_threads());
@@ -689,6 +854,12 @@ std::tuple<at::Tensor, at::Tensor> mips_topk_cpu(const at::Tensor& queries, cons
         HeapRef h{P.hs.data(), P.hi.data(), P.hn.data(), k};
         float t = P.thr[0];
         const std::vector<char> zero_row(static_cast<size_t>(d * esz), 0);
+        if (planes) {
+          scan_b1_i8_vnni(reinterpret_cast<const int8_t*>(kbase), scales, vmask, d, m_begin,
+                          m_end, *planes, reinterpret_cast<const int8_t*>(zero_row.data()), h, t);
+          P.thr[0] = t;
+          continue;
+        }
         const auto scan = kt == KeyType::F32    ? &scan_b1_avx512<KeyType::F32, HeapRef>
                           : kt == KeyType::F16  ? &scan_b1_avx512<KeyType::F16, HeapRef>
                           : kt == KeyType::BF16 ? &scan_b1_avx512<KeyType::BF16, HeapRef>

@@ -16,6 +16,7 @@ import torch
 import pluglm_kernels as pk
 from pluglm_kernels import _backends
 from pluglm_kernels import reference as R
+from conftest import cpu_has
 
 pytestmark = pytest.mark.skipif(
     not _backends.availability("mips_topk", "cpu", "cpu")[0],
@@ -357,3 +358,57 @@ def test_nan_key_rows_are_never_returned(dtype):
     ref_s, ref_i = R.mips_topk(q.double(), keys, 6, scales, None)
     assert bool(torch.isfinite(s).all())
     torch.testing.assert_close(s, ref_s, rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------ B = 1 int8 keys: the VNNI integer path
+
+HAS_VNNI = cpu_has("avx512_vnni") and cpu_has("avx512bw")
+VNNI = ["1", "0"] if HAS_VNNI else ["0"]  # "0": the float path, on every CPU
+
+
+@pytest.mark.parametrize("vnni", VNNI, ids=lambda v: "vnni" if v == "1" else "float")
+@pytest.mark.parametrize("d,M", [(1, 5), (19, 1001), (31, 40), (32, 4099), (33, 17),
+                                 (128, 5003), (257, 300), (512, 700), (513, 300)])
+def test_b1_int8_every_width(monkeypatch, vnni, d, M):
+    """B = 1 over int8 keys: the integer (VNNI) path and the float path against the float64
+    oracle, at widths around its 32-column pieces, its d <= 512 limit (513 falls back) and
+    with a validity mask."""
+    monkeypatch.setenv("PLUGLM_CPU_VNNI", vnni)
+    q, keys, scales = _make(1, d, M, torch.int8)
+    valid = torch.rand(M) < 0.8
+    for k in (1, 5, min(M, 64)):
+        s, i = _op(q, keys, k, scales, valid)
+        _check(s, i, q, keys, k, scales, valid)
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+def test_b1_int8_vnni_ties_threads_and_query_scale(monkeypatch):
+    """The integer path: copies tie exactly (lower index first), results do not depend on
+    the thread count, and queries whose scale is extreme (tiny, huge, zero) still work
+    (outside float32's normal range they take the float path)."""
+    monkeypatch.setenv("PLUGLM_CPU_VNNI", "1")
+    M, d, n_base = 20011, 128, 300
+    base8, base_sc = pk.quantize_keys(torch.randn(n_base, d))
+    which = torch.randint(0, n_base, (M,))
+    keys, scales = base8[which], base_sc[which]
+    q = torch.randn(1, d)
+    per_row = (q.double() @ R.dequantize_keys(base8, base_sc, torch.float64).T)[:, which]
+    want = torch.sort(per_row, dim=1, descending=True, stable=True)
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(_op(q, keys, 300, scales, None))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert torch.equal(outs[0][1], want.indices[:, :300])
+    torch.testing.assert_close(outs[0][0].double(), want.values[:, :300], rtol=2e-6, atol=0)
+    keys, scales = pk.quantize_keys(torch.randn(3000, 40))
+    for mag in (1e-32, 1e-20, 1.0, 1e20, 1e30):
+        q = torch.randn(1, 40) * mag
+        s, i = _op(q, keys, 7, scales, None)
+        _check(s, i, q, keys, 7, scales)
+    s, i = _op(torch.zeros(1, 40), keys, 4, scales, None)  # every score 0: lowest ids
+    assert torch.equal(i, torch.arange(4)[None]) and torch.equal(s, torch.zeros(1, 4))

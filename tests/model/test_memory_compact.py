@@ -171,6 +171,25 @@ def test_values_on_demand_matches_stored_values(tok):
         lean.fetch(torch.zeros(1, 2, dtype=torch.long))
 
 
+def test_values_on_demand_through_encoder_tables_match_stored_values(tok):
+    """The float32 C++ path: at inference the re-encode of the retrieved entries runs through
+    the precomputed pooler tables (encode_knowledge_factored); the output matches stored
+    values and the matmul path (use_tables=False) up to float32 rounding."""
+    model = tiny_memory_model(len(tok), kernel_backend="auto").float()
+    stored = KnowledgeMemory.from_texts(texts(30), tok, max_length=16)
+    stored.encode(model, progress=False)
+    lean = stored.with_layout(store_values=False)
+    ids = torch.randint(5, len(tok), (3, 9))
+    with torch.no_grad():
+        a = model(ids, memory=stored).last_hidden_state
+        b = model(ids, memory=lean).last_hidden_state
+        assert model.knowledge_encoder._tables._tables is not None  # the tables ran
+        model.knowledge_encoder.use_tables = False
+        c = model(ids, memory=lean).last_hidden_state
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)
+
+
 def test_refresh_of_an_int8_memory_quantises_on_commit(tok):
     """The key refresher computes float keys and set_keys quantises them into the memory's
     int8 layout; values on demand stay absent."""
