@@ -50,6 +50,8 @@ Semantics
     here: at equal priority a step stalled for the whole refresh). The refresh thread holds
     the GIL only between ops, briefly; if it is preempted while holding it, training waits
     for it to be rescheduled (use "normal" if that shows up as step-time spikes).
+    A loop that ``wait()``s for each refresh gains nothing from "low" (training is idle
+    meanwhile) and, on a loaded CPU, waits for a starved thread: use "normal" there.
 - The swap is ``memory.set_keys(keys, values, snapshot=that snapshot)``: entries whose
   content changed during the refresh (update, or added) stay stale, per KnowledgeMemory's
   rules; a concurrent ``compact`` is handled (rows matched by revision). A search sees

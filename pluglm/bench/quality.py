@@ -25,8 +25,12 @@ paper's corpus MLM; held-out entries never appear in a batch). Each key refresh 
 after retrieval locks in (~step 300) and takes ~800 more steps: 1,600 steps in the full run,
 one seed of it in ``--quick``.
 
-``run_quality(QualityConfig.make(quick, seed))`` returns the result dict; ``write_all``
-writes quality.json, quality.md and the plots. Fractions are in [0, 1].
+``run_quality(QualityConfig.make(quick, seed), jobs=N)`` returns the result dict; ``write_all``
+writes quality.json, quality.md and the plots. Fractions are in [0, 1]. With ``jobs`` > 1 the
+seeds, ablation runs and backend check run side by side in spawn worker processes, one torch
+thread each (``pluglm bench --quality --jobs N``; default one per core): two threads barely
+speed up one run of this small model and stall under contention (benchmarks/NOTES.md,
+"Quality"); the numbers are those of ``jobs=1`` at 1 thread.
 """
 from __future__ import annotations
 
@@ -254,7 +258,12 @@ def train(cfg: QualityConfig, data: _Data, seed: int, *, refresh_interval: int |
         model.align_retrieval(memory)
         memory.encode(model, batch_size=1024, progress=False)
     model.set_memory(memory)
-    refresher = AsyncKeyRefresher(model, memory, interval=interval)
+    # A refresh that training waits for runs at normal priority: "low" (nice +10) only helps
+    # when training goes on beside it; waited for on a loaded CPU, the niced thread starves
+    # (measured: 0.73-1.0 s per waited refresh beside two busy processes, 0.15-0.35 s at
+    # "normal", 0.05 s idle; benchmarks/NOTES.md, "Quality"). Priority never changes a number.
+    refresher = AsyncKeyRefresher(model, memory, interval=interval,
+                                  priority="normal" if cfg.sync_refresh else "low")
     align = RetrievalAlignment(model, weight=cfg.align_weight, steps=cfg.align_steps or None)
     ids, mask, pos, answers = data.train_tensors
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
@@ -405,27 +414,234 @@ def _machine() -> dict:
             "python": platform.python_version()}
 
 
-def run_quality(cfg: QualityConfig, log=print) -> dict:
-    """The whole experiment (see the module docstring) -> the result dict of quality.json."""
-    t_start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    data = _Data(cfg)
-    log = log or (lambda *_: None)
-    log(f"knowledge base: {cfg.n_a} A entities ({cfg.heldout} held out), {cfg.n_b} B, "
-        f"{len(data.tok)} words; {len(data.train_q)} training queries, {len(data.eval_q)} eval")
-    per_seed, curves, trained = [], {}, {}
-    for i in range(cfg.seeds):
-        seed = cfg.seed + i
-        model, info = train(cfg, data, seed, curves=True, log=log)
-        row = {"seed": seed, **measure(model, data), "train_s": info["train_s"],
+def _tasks(cfg: QualityConfig) -> list[tuple[str, object]]:
+    """The independent units of the experiment, in the order a single process runs them:
+    ("seed", s) trains seed s with its curves and measurements; ("ablation", interval) and
+    ("backend", name) train ``cfg.ablation_steps`` steps with seed ``cfg.seed``."""
+    tasks = [("seed", cfg.seed + i) for i in range(cfg.seeds)]
+    tasks += [("ablation", iv) for iv in cfg.ablation]
+    if cfg.backend_check:
+        tasks.append(("backend", "reference"))
+    return tasks
+
+
+def _task_name(task) -> str:
+    kind, arg = task
+    if kind == "ablation":
+        return f"refresh every {arg}" if arg else "refresh never"
+    return f"{kind} {arg}"
+
+
+def _task_cost(cfg: QualityConfig, task) -> float:
+    """Relative cost, to start the longest tasks first (benchmarks/NOTES.md, "Quality": a
+    seed is ~2 ablation runs; a refresh costs ~1.5 steps)."""
+    kind, arg = task
+    if kind == "seed":
+        return cfg.steps * 1.5
+    interval = cfg.refresh_interval if kind == "backend" else arg
+    return cfg.ablation_steps * (1 + (1.5 / interval if interval else 0))
+
+
+def _run_task(cfg: QualityConfig, data: _Data, task, log=None) -> dict:
+    """One unit of ``_tasks`` -> its row (with the curve of a seed run)."""
+    kind, arg = task
+    t0, c0 = time.perf_counter(), time.process_time()
+    if kind == "seed":
+        model, info = train(cfg, data, arg, curves=True, log=log)
+        row = {"seed": arg, **measure(model, data), "train_s": info["train_s"],
                "final_loss": info["final_loss"], "refreshes": info["refreshes"]}
-        per_seed.append(row)
-        curves[str(seed)] = info["curve"]
-        trained[seed] = row
-        log(f"seed {seed}: " + ", ".join(f"{k} {row[k]:.3f}" for k in SUMMARY_FIELDS)
-            + f", params_unchanged {row['params_unchanged']}, train {info['train_s']:.0f}s")
-    result = {"config": asdict(cfg), "machine": _machine(), "per_seed": per_seed, "curves": curves}
+        out = {"row": row, "curve": info["curve"]}
+    else:
+        short = replace(cfg, steps=cfg.ablation_steps)
+        if kind == "ablation":
+            model, info = train(short, data, cfg.seed, refresh_interval=arg)
+        elif kind == "backend":
+            model, info = train(short, data, cfg.seed, backend=arg)
+        else:
+            raise ValueError(f"unknown quality task {task!r}")
+        a, rec = _right(model, data)
+        out = {"row": {"steps": short.steps, "accuracy_right_memory": a, "gold_recall": rec,
+                       "train_s": info["train_s"], "refreshes": info["refreshes"]}}
+    # the task's own wall and CPU time (CPU time: this process, refresh thread included)
+    out["timing"] = {"task": _task_name(task), "wall_s": time.perf_counter() - t0,
+                     "cpu_s": time.process_time() - c0, "threads": torch.get_num_threads()}
+    return out
+
+
+def _log_task(log, cfg, task, out) -> None:
+    kind, arg = task
+    r = out["row"]
+    if kind == "seed":
+        log(f"seed {arg}: " + ", ".join(f"{k} {r[k]:.3f}" for k in SUMMARY_FIELDS)
+            + f", params_unchanged {r['params_unchanged']}, train {r['train_s']:.0f}s")
+    elif kind == "ablation":
+        log(f"{_task_name(task)} ({r['steps']} steps): accuracy {r['accuracy_right_memory']:.3f} "
+            f"recall {r['gold_recall']:.3f} train {r['train_s']:.0f}s ({r['refreshes']} refreshes)")
+    else:
+        log(f"backend {arg} ({r['steps']} steps): accuracy {r['accuracy_right_memory']:.3f} "
+            f"recall {r['gold_recall']:.3f} train {r['train_s']:.0f}s")
+
+
+# Worker processes (jobs > 1): each builds the knowledge base once, then runs tasks.
+_WORKER: dict = {}
+
+
+def _ignore_sigint_and_follow_parent() -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent alone handles it (and terminates
+    # the workers), so that a worker neither prints a traceback nor outlives it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:  # Linux: die with the parent even when it is killed without cleaning up
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_init(cfg: QualityConfig, threads: int, progress: bool) -> None:
+    _ignore_sigint_and_follow_parent()
+    torch.set_num_threads(threads)
+    _WORKER["cfg"] = replace(cfg, threads=threads)
+    _WORKER["data"] = _Data(cfg)
+    _WORKER["progress"] = progress
+
+
+def _worker_task(task) -> dict:
+    name = _task_name(task)
+    log = (lambda s: print(f"[{name}] {s.strip()}", flush=True)) if _WORKER["progress"] else None
+    return _run_task(_WORKER["cfg"], _WORKER["data"], task, log=log)
+
+
+def default_jobs() -> int:
+    """Worker processes of ``pluglm bench --quality`` by default: one per usable core."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def run_in_processes(fn, args: list, jobs: int, *, names=None, initializer=None, initargs=(),
+                     on_result=None) -> list:
+    """``[fn(a) for a in args]`` in ``jobs`` worker processes (a ``spawn`` context: never a
+    fork of a process whose torch threads are running), in the order given (submit the
+    longest first). ``on_result(i, result)`` is called in this process as each finishes.
+
+    A task that raises, or a worker that dies (killed, crashed, out of memory), raises a
+    RuntimeError here naming the task; the other workers are then terminated, as they are
+    on Ctrl-C (the workers ignore SIGINT and leave it to this process)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    from concurrent.futures.process import BrokenProcessPool
+
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive int, got {jobs!r}")
+    names = list(names) if names is not None else [repr(a) for a in args]
+    results = [None] * len(args)
+    if not args:
+        return results
+
+    ex = cf.ProcessPoolExecutor(max_workers=min(jobs, len(args)), mp_context=mp.get_context("spawn"),
+                                initializer=initializer or _ignore_sigint_and_follow_parent,
+                                initargs=initargs if initializer else ())
+    futures = {}
+    ok = False
+    try:
+        futures = {ex.submit(fn, a): i for i, a in enumerate(args)}
+        for fut in cf.as_completed(futures):
+            i = futures[fut]
+            try:
+                results[i] = fut.result()
+            except BrokenProcessPool as e:
+                codes = sorted({p.exitcode for p in list(getattr(ex, "_processes", {}).values())
+                                if p.exitcode not in (None, 0)})
+                running = [names[futures[f]] for f in futures if not f.done() or f is fut]
+                raise RuntimeError(
+                    f"a quality worker process died (exit code {codes or 'unknown'}) while running "
+                    f"one of: {', '.join(running)}; the run is abandoned") from e
+            except Exception as e:
+                raise RuntimeError(f"quality task {names[i]!r} failed in its worker process: "
+                                   f"{type(e).__name__}: {e}") from e
+            if on_result is not None:
+                on_result(i, results[i])
+        ok = True
+    finally:
+        if not ok:  # an error or Ctrl-C: stop everything now, leave no process behind
+            for f in futures:
+                f.cancel()
+            procs = list(getattr(ex, "_processes", {}).values())
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            ex.shutdown(wait=False, cancel_futures=True)
+            for p in procs:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        else:
+            ex.shutdown(wait=True)
+    return results
+
+
+def run_quality(cfg: QualityConfig, log=print, jobs: int = 1) -> dict:
+    """The whole experiment (see the module docstring) -> the result dict of quality.json.
+
+    ``jobs`` > 1 runs its independent units (each seed with its measurements, each ablation
+    interval, the backend check) in that many ``spawn`` worker processes, longest first, each
+    with ``cfg.threads`` (default 1) torch threads; each unit depends only on its seed, so the
+    numbers are those of ``jobs=1`` at the same thread count (benchmarks/NOTES.md, "Quality").
+    With a single unit (``--quick``) it runs in this process, at 1 thread unless
+    ``cfg.threads`` says otherwise. ``jobs=1``: everything in this process, ``cfg.threads``
+    (None: torch's setting).
+    """
+    t_start = time.perf_counter()
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive int, got {jobs!r}")
+    progress = log is not None
+    log = log or (lambda *_: None)
+    tasks = _tasks(cfg)
+    if jobs > 1 and not cfg.threads:
+        # one torch thread per unit: two barely beat one at d=128 and a 2-thread team stalls
+        # whenever another process takes a core (benchmarks/NOTES.md, "Quality")
+        cfg = replace(cfg, threads=1)
+    jobs = min(jobs, len(tasks))
+    if jobs == 1:  # one unit (--quick) or jobs=1: in this process
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        data = _Data(cfg)
+        log(f"knowledge base: {cfg.n_a} A entities ({cfg.heldout} held out), {cfg.n_b} B, "
+            f"{len(data.tok)} words; {len(data.train_q)} training queries, {len(data.eval_q)} eval")
+        outs = []
+        for task in tasks:
+            outs.append(_run_task(cfg, data, task, log=log))
+            _log_task(log, cfg, task, outs[-1])
+        machine = _machine()
+    else:
+        threads = cfg.threads
+        order = sorted(range(len(tasks)), key=lambda i: -_task_cost(cfg, tasks[i]))
+        log(f"{len(tasks)} tasks in {jobs} worker processes x {threads} thread(s), longest first: "
+            + ", ".join(_task_name(tasks[i]) for i in order))
+        got = run_in_processes(
+            _worker_task, [tasks[i] for i in order], jobs, names=[_task_name(tasks[i]) for i in order],
+            initializer=_worker_init, initargs=(cfg, threads, progress),
+            on_result=lambda j, out: _log_task(log, cfg, tasks[order[j]], out))
+        outs = [None] * len(tasks)
+        for j, i in enumerate(order):
+            outs[i] = got[j]
+        machine = {**_machine(), "threads": threads}
+    machine["jobs"] = jobs
+    by_task = dict(zip(tasks, outs))
+
+    per_seed, curves = [], {}
+    for task in tasks:
+        if task[0] == "seed":
+            per_seed.append(by_task[task]["row"])
+            curves[str(task[1])] = by_task[task]["curve"]
+    result = {"config": asdict(cfg), "machine": machine, "per_seed": per_seed, "curves": curves}
     for k in SUMMARY_FIELDS + ("chance", "domain_b_chance", "removed_chance", "kept_accuracy_before",
                                "kept_accuracy_after", "edit_old_answer_rate"):
         vals = [r[k] for r in per_seed]
@@ -434,26 +650,17 @@ def run_quality(cfg: QualityConfig, log=print) -> dict:
             result[k + "_min"], result[k + "_max"] = min(vals), max(vals)
     result["params_unchanged"] = all(r["params_unchanged"] for r in per_seed)
 
-    ablation = []
-    short = replace(cfg, steps=cfg.ablation_steps)
-    for interval in cfg.ablation:
-        model, info = train(short, data, cfg.seed, refresh_interval=interval)
-        a, rec = _right(model, data)
-        ablation.append({"refresh_interval": interval, "steps": short.steps, "accuracy_right_memory": a,
-                         "gold_recall": rec, "train_s": info["train_s"], "refreshes": info["refreshes"]})
-        log(f"refresh every {interval or 'never'} ({short.steps} steps): accuracy {a:.3f} recall {rec:.3f} "
-            f"train {info['train_s']:.0f}s ({info['refreshes']} refreshes)")
+    ablation = [{"refresh_interval": iv, **by_task[("ablation", iv)]["row"]} for iv in cfg.ablation]
     result["refresh_ablation"] = ablation
-
     if cfg.backend_check:
         auto = next((r for r in ablation if r["refresh_interval"] == cfg.refresh_interval), None)
-        model, info = train(short, data, cfg.seed, backend="reference")
-        a, rec = _right(model, data)
-        result["backend_check"] = {"backend": "reference", "seed": cfg.seed, "steps": short.steps,
-                                   "accuracy_right_memory": a, "gold_recall": rec, "train_s": info["train_s"],
+        b = by_task[("backend", "reference")]["row"]
+        result["backend_check"] = {"backend": "reference", "seed": cfg.seed, "steps": b["steps"],
+                                   "accuracy_right_memory": b["accuracy_right_memory"],
+                                   "gold_recall": b["gold_recall"], "train_s": b["train_s"],
                                    "auto_accuracy_right_memory": auto and auto["accuracy_right_memory"],
                                    "auto_train_s": auto and auto["train_s"]}
-        log(f"backend reference ({short.steps} steps): accuracy {a:.3f} recall {rec:.3f} train {info['train_s']:.0f}s")
+    result["tasks"] = [o["timing"] for o in outs]
     result["total_s"] = time.perf_counter() - t_start
     return result
 
@@ -491,7 +698,9 @@ def to_markdown(result: dict) -> str:
     ]
     m = result["machine"]
     c = result["config"]
-    lines = [f"Quality (held-out entities), seeds {seeds}; {m['cpu']}, {m['threads']} threads, "
+    par = (f"{m['jobs']} worker processes x {m['threads']} thread(s)" if m.get("jobs", 1) > 1
+           else f"{m['threads']} threads")
+    lines = [f"Quality (held-out entities), seeds {seeds}; {m['cpu']}, {par}, "
              f"torch {m['torch']}. Model d={c['hidden']}, {c['layers']} layers (top one a memory layer), "
              f"N={c['memory_k']}, {c['steps']} steps x {c['batch_size']}; memory {c['n_a']} entries; "
              f"chance (best constant answer) {_pct(ch)}.", "",
@@ -554,13 +763,15 @@ def write_all(result: dict, out_dir) -> list[Path]:
     return write_results(result, out_dir, "quality", to_markdown, plot)
 
 
-__all__ = ["QualityConfig", "accuracy", "measure", "run_quality", "state_hash", "train", "write_all"]
+__all__ = ["QualityConfig", "accuracy", "measure", "run_in_processes", "run_quality", "state_hash", "train",
+           "write_all"]
 
 
 def main(args) -> int:
-    """``pluglm bench --quality [--quick] [--seed N] --out DIR``."""
+    """``pluglm bench --quality [--quick] [--seed N] [--jobs N] --out DIR``."""
     cfg = QualityConfig.make(args.quick, args.seed)
-    result = run_quality(cfg, log=None if args.no_progress else (lambda s: print(s, flush=True)))
+    jobs = getattr(args, "jobs", None) or default_jobs()
+    result = run_quality(cfg, log=None if args.no_progress else (lambda s: print(s, flush=True)), jobs=jobs)
     print(to_markdown(result))
     written = write_all(result, Path(args.out))
     print("wrote " + ", ".join(str(p) for p in written))

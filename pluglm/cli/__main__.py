@@ -3,4 +3,7 @@ import sys
 
 from . import main
 
-sys.exit(main())
+# guarded: ``bench --quality --jobs N`` starts spawn workers, which import this module as
+# ``__mp_main__`` and must not run the command again
+if __name__ == "__main__":
+    sys.exit(main())

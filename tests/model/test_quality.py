@@ -138,3 +138,67 @@ def test_trained_pluglm_reads_updates_and_swaps_its_memory(tmp_path):
               "domain_b_accuracy", "domain_b_with_a_memory", "refresh_ablation", "per_seed"):
         assert k in data
     assert (tmp_path / "quality.md").exists() and len(written) >= 2
+
+
+def _tiny(**kw):
+    return Q.QualityConfig.make(seed=5, seeds=2, n_a=300, n_b=100, heldout=100, name_pool=30, steps=30,
+                                ablation=(1, 0), ablation_steps=20, n_edit=50, n_remove=50,
+                                curve_queries=50, eval_every=15, threads=1, **kw)
+
+
+def _numbers(result):
+    """Everything but timings, the worker layout and the thread/job counts of the machine."""
+    import json
+
+    drop_keys = {"train_s", "auto_train_s", "total_s", "tasks", "machine"}
+
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in drop_keys}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+    return json.loads(json.dumps(strip(result)))
+
+
+def test_worker_processes_give_the_numbers_of_one_process(tmp_path):
+    """``jobs=2`` runs the seeds, ablation runs and backend check in spawn workers (1 thread
+    each) and merges them into the quality.json of ``jobs=1`` at 1 thread, number for number."""
+    threads = torch.get_num_threads()
+    try:
+        one = Q.run_quality(_tiny(), log=None, jobs=1)
+    finally:
+        torch.set_num_threads(threads)
+    two = Q.run_quality(_tiny(), log=None, jobs=2)
+    assert torch.get_num_threads() == threads  # the parent's threads are left alone
+    assert one["machine"]["jobs"] == 1 and two["machine"]["jobs"] == 2
+    assert two["machine"]["threads"] == 1
+    assert _numbers(one) == _numbers(two)
+    assert [r["seed"] for r in two["per_seed"]] == [5, 6]
+    assert [r["refresh_interval"] for r in two["refresh_ablation"]] == [1, 0]
+    assert two["backend_check"]["backend"] == "reference"
+    assert sorted(t["task"] for t in two["tasks"]) == sorted(t["task"] for t in one["tasks"])
+    assert all(t["wall_s"] > 0 and t["cpu_s"] > 0 for t in two["tasks"])
+    Q.write_all(two, tmp_path)
+    assert (tmp_path / "quality.json").exists() and (tmp_path / "quality.md").exists()
+    with pytest.raises(ValueError, match="jobs"):
+        Q.run_quality(_tiny(), log=None, jobs=0)
+
+
+def test_a_failing_or_dying_worker_raises_in_the_parent():
+    import math
+    import os
+    import time
+
+    # a task that raises: its name and the error, not a hang
+    with pytest.raises(RuntimeError, match=r"task 'sqrt -1'.*ValueError"):
+        Q.run_in_processes(math.sqrt, [4.0, -1.0], 2, names=["sqrt 4", "sqrt -1"])
+    # a worker that dies mid-task (as a crash or the OOM killer would)
+    t = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"worker process died \(exit code .*3"):
+        Q.run_in_processes(os._exit, [3, 3], 2)
+    assert time.perf_counter() - t < 60
+    assert Q.run_in_processes(math.sqrt, [4.0, 9.0], 2) == [2.0, 3.0]
+    # the quality run itself: a configuration that fails inside the workers
+    with pytest.raises(RuntimeError, match="failed in its worker process"):
+        Q.run_quality(_tiny(backend="nope"), log=None, jobs=2)
