@@ -379,19 +379,6 @@ void encode_factored_kernel(const Tables& tb, const bool* mask, const float* lnw
       for (int64_t t = 0; t < Tn; ++t) {
         const int64_t n = e * Tn + t;
         s[t] = kNegInf;
-        // The two table rows of a token are random reads of a large table (94 MB each for
-        // BERT-base): fetch the next token's while this one is computed.
-        if (t + 1 < Tn && mask[n + 1]) {
-          const int64_t nx = ids[n + 1];
-          if (nx >= 0 && nx < g.V) {
-            const char* a = reinterpret_cast<const char*>(word + nx * D);
-            for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64)
-              __builtin_prefetch(a + off);
-            const char* b = reinterpret_cast<const char*>(word_u + nx * Hp);
-            for (int64_t off = 0; off < Hp * static_cast<int64_t>(sizeof(float)); off += 64)
-              __builtin_prefetch(b + off);
-          }
-        }
         if (!mask[n]) continue;
         any = true;
         int64_t wr, pr, tr;
