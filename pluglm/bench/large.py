@@ -66,7 +66,11 @@ class LargeConfig:
     ann_Ms: tuple = ()
     ann_queries: int = 256
     ann_clusters: int = 256
-    cost_rounds: int = 9  # interleaved PlugLM / dense calls per cost-of-a-memory pair
+    cost_rounds: int = 9  # interleaved PlugLM / dense calls per cost-of-a-memory pair (at least)
+    # ... and more while this much time per pair is not used up (at most 200): a B = 1 BERT-base
+    # forward is ~0.12 s, and 9 calls of it left the ratio to dense within +-0.15 between runs
+    # (1.07x in one, 1.24x in the next; 31 interleaved calls: 1.04x); None = budget_s
+    cost_budget_s: float | None = 10.0
     cost_geometry: tuple = ()  # BertConfig overrides, e.g. (("hidden_size", 64), ...); () = base
 
     @classmethod
@@ -527,8 +531,9 @@ def bench_cost_of_memory(cfg: LargeConfig, log=print) -> list[Row]:
             dname = str(kdt).replace("torch.", "")
             kind = f"{dname} keys, " + ("stored values" if values else "values on demand")
             for B in cfg.cost_Bs:
+                budget = cfg.budget_s if cfg.cost_budget_s is None else cfg.cost_budget_s
                 rows += cost_pair_rows(
-                    dense, plug, mem, B, T, rounds=cfg.cost_rounds, budget_s=cfg.budget_s,
+                    dense, plug, mem, B, T, rounds=cfg.cost_rounds, budget_s=budget,
                     dense_rows=first, kind=kind, log=log,
                     shape_extra=dict(M=M, dtype=dname, values="stored" if values else "on demand"))
             first = False

@@ -189,7 +189,7 @@ def test_bench_large_ann_and_cost_rows(tmp_path):
             ("intermediate_size", 64))
     cfg = LargeConfig(Ms=(), work_dir=str(tmp_path / "w"), budget_s=0.01,
                       ceiling_bytes=1 << 22, recall_entries=0, ann_Ms=(2000,), ann_queries=8,
-                      ann_clusters=8, cost_Ms=(300,), cost_Bs=(1,), cost_rounds=2,
+                      ann_clusters=8, cost_Ms=(300,), cost_Bs=(1,), cost_rounds=2, cost_budget_s=None,
                       cost_geometry=tiny)
     rows = run_large(cfg, show_progress=False, log=lambda *a: None)["rows"]
     assert {r["bench"] for r in rows} == {"ANN vs exact search", "cost of a memory"}
