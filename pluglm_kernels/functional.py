@@ -205,6 +205,16 @@ def gather_knowledge_attention(q, table_k, table_v, indices, bias, beta, *, drop
     return out
 
 
+def _check_pooler_w1(w1, b1, D: int, device) -> int:
+    """The pooler's first layer: w1 [Hp, D], b1 [Hp] on ``device``; returns Hp."""
+    V.tensor("w1", w1, ndim=2, dtypes=_REF_FLOATS, device=device)
+    if w1.shape[1] != D:
+        raise ValueError(f"w1 must have shape [Hp, {D}], got {tuple(w1.shape)}")
+    V.tensor("b1", b1, ndim=1, dtypes=_REF_FLOATS, device=device)
+    V.shape("b1", b1, (w1.shape[0],))
+    return w1.shape[0]
+
+
 def attentive_pool(x, mask, w1, b1, w2, b2, *, backend: str = "auto") -> torch.Tensor:
     """Attentive pooling, numerically stable: [B, T, D] -> [B, D].
 
@@ -219,12 +229,7 @@ def attentive_pool(x, mask, w1, b1, w2, b2, *, backend: str = "auto") -> torch.T
     B, T, D = x.shape
     V.tensor("mask", mask, ndim=2, device=x.device)
     V.shape("mask", mask, (B, T), "[B, T]")
-    V.tensor("w1", w1, ndim=2, dtypes=_REF_FLOATS, device=x.device)
-    if w1.shape[1] != D:
-        raise ValueError(f"w1 must have shape [Hp, {D}], got {tuple(w1.shape)}")
-    Hp = w1.shape[0]
-    V.tensor("b1", b1, ndim=1, dtypes=_REF_FLOATS, device=x.device)
-    V.shape("b1", b1, (Hp,))
+    Hp = _check_pooler_w1(w1, b1, D, x.device)
     V.tensor("w2", w2, dtypes=_REF_FLOATS, device=x.device)
     if w2.numel() != Hp or w2.dim() > 2:
         raise ValueError(f"w2 must have shape [{Hp}] or [1, {Hp}], got {tuple(w2.shape)}")
@@ -302,12 +307,7 @@ def encode_knowledge(token_ids, attention_mask, word_embeddings, position_embedd
     V.backend("backend", backend)
     V.tensor("word_embeddings", word_embeddings, ndim=2, dtypes=_floats(backend))
     D = word_embeddings.shape[1]
-    V.tensor("w1", w1, ndim=2, dtypes=_REF_FLOATS, device=word_embeddings.device)
-    if w1.shape[1] != D:
-        raise ValueError(f"w1 must have shape [Hp, {D}], got {tuple(w1.shape)}")
-    Hp = w1.shape[0]
-    V.tensor("b1", b1, ndim=1, dtypes=_REF_FLOATS, device=word_embeddings.device)
-    V.shape("b1", b1, (Hp,))
+    Hp = _check_pooler_w1(w1, b1, D, word_embeddings.device)
     _check_encoder(token_ids, attention_mask, word_embeddings, position_embeddings,
                    token_type_embeddings, ln_weight, ln_bias, w2, b2, Hp, token_type_ids, eps,
                    position_offset, _floats(backend))
@@ -350,12 +350,7 @@ def encoder_tables(word_embeddings, position_embeddings, token_type_embeddings, 
         for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
             V.tensor(name, t, ndim=1, dtypes=_REF_FLOATS, device=dev)
             V.shape(name, t, (D,))
-        V.tensor("w1", w1, ndim=2, dtypes=_REF_FLOATS, device=dev)
-        if w1.shape[1] != D:
-            raise ValueError(f"w1 must have shape [Hp, {D}], got {tuple(w1.shape)}")
-        Hp = w1.shape[0]
-        V.tensor("b1", b1, ndim=1, dtypes=_REF_FLOATS, device=dev)
-        V.shape("b1", b1, (Hp,))
+        Hp = _check_pooler_w1(w1, b1, D, dev)
         chunk_rows = V.integer("chunk_rows", chunk_rows, lo=1)
         f64 = torch.float64
         w1t = w1.to(f64).t()  # [D, Hp]

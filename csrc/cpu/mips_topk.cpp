@@ -348,6 +348,24 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 reduce16(const _
                        _mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// The scores s of rows j0 .. j0 + 15 (lanes in `live`) into heap h: one compare against the
+// threshold, and only the rows that reach it (and are valid) are pushed.
+template <typename Heap>
+__attribute__((target("avx512f"), always_inline)) inline void push_hits16(
+    __m512 s, __mmask16 live, int64_t j0, const bool* vmask, Heap& h, float& thr) {
+  __mmask16 hit = _mm512_mask_cmp_ps_mask(live, s, _mm512_set1_ps(thr), _CMP_GE_OQ);
+  if (!hit) return;
+  alignas(64) float sv[16];
+  _mm512_store_ps(sv, s);
+  while (hit) {
+    const int r = __builtin_ctz(hit);
+    hit &= static_cast<__mmask16>(hit - 1);
+    const int64_t j = j0 + r;
+    if (vmask && !vmask[j]) continue;
+    if (sv[r] >= thr) thr = h.push(sv[r], j);
+  }
+}
+
 // Scores rows [m_begin, m_end) against the one query q [d] into heap h; thr is the heap's
 // threshold (-inf until it holds k rows). zero_row: d zero elements, read in place of the
 // rows past m_end in the last group of 16.
@@ -393,17 +411,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void scan_b1_avx51
     const __mmask16 live = static_cast<__mmask16>((1u << nr) - 1u);
     __m512 s = reduce16(acc);
     if constexpr (KT == KeyType::I8) s = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(live, scales + j0));
-    __mmask16 hit = _mm512_mask_cmp_ps_mask(live, s, _mm512_set1_ps(thr), _CMP_GE_OQ);
-    if (!hit) continue;
-    alignas(64) float sv[16];
-    _mm512_store_ps(sv, s);
-    while (hit) {
-      const int r = __builtin_ctz(hit);
-      hit &= static_cast<__mmask16>(hit - 1);
-      const int64_t j = j0 + r;
-      if (vmask && !vmask[j]) continue;
-      if (sv[r] >= thr) thr = h.push(sv[r], j);
-    }
+    push_hits16(s, live, j0, vmask, h, thr);
   }
 }
 
@@ -546,17 +554,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) void sc
     const __mmask16 live = static_cast<__mmask16>((1u << nr) - 1u);
     __m512 s = _mm512_fmadd_ps(sh, two15, sl);
     s = _mm512_mul_ps(_mm512_mul_ps(s, qs), _mm512_maskz_loadu_ps(live, scales + j0));
-    __mmask16 hit = _mm512_mask_cmp_ps_mask(live, s, _mm512_set1_ps(thr), _CMP_GE_OQ);
-    if (!hit) continue;
-    alignas(64) float sv[16];
-    _mm512_store_ps(sv, s);
-    while (hit) {
-      const int r = __builtin_ctz(hit);
-      hit &= static_cast<__mmask16>(hit - 1);
-      const int64_t j = j0 + r;
-      if (vmask && !vmask[j]) continue;
-      if (sv[r] >= thr) thr = h.push(sv[r], j);
-    }
+    push_hits16(s, live, j0, vmask, h, thr);
   }
 }
 
