@@ -348,6 +348,23 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 reduce16(const _
                        _mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// The 16 row pointers of the group at j0 (rows past m_end read zero_row), and a software
+// prefetch of the group `ahead` rows further on.
+template <typename T>
+__attribute__((always_inline)) inline void group_rows(const T* keys, int64_t d, int64_t j0,
+                                                      int64_t m_end, int64_t ahead,
+                                                      const T* zero_row, const T** row) {
+  const int64_t nr = std::min<int64_t>(16, m_end - j0);
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) row[r] = r < nr ? keys + (j0 + r) * d : zero_row;
+  if (j0 + ahead < m_end) {
+    const char* pf = reinterpret_cast<const char*>(keys + (j0 + ahead) * d);
+    const int64_t pf_bytes =
+        std::min<int64_t>(16, m_end - j0 - ahead) * d * static_cast<int64_t>(sizeof(T));
+    for (int64_t off = 0; off < pf_bytes; off += 64) _mm_prefetch(pf + off, _MM_HINT_T0);
+  }
+}
+
 // The scores s of rows j0 .. j0 + 15 (lanes in `live`) into heap h: one compare against the
 // threshold, and only the rows that reach it (and are valid) are pushed.
 template <typename Heap>
@@ -385,14 +402,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void scan_b1_avx51
   for (int64_t j0 = m_begin; j0 < m_end; j0 += 16) {
     const int64_t nr = std::min<int64_t>(16, m_end - j0);
     const T* row[16];
-#pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) row[r] = r < nr ? keys + (j0 + r) * d : zero_row;
-    if (j0 + ahead < m_end) {
-      const char* pf = reinterpret_cast<const char*>(keys + (j0 + ahead) * d);
-      const int64_t pf_bytes = std::min<int64_t>(16, m_end - j0 - ahead) * d *
-                               static_cast<int64_t>(sizeof(T));
-      for (int64_t off = 0; off < pf_bytes; off += 64) _mm_prefetch(pf + off, _MM_HINT_T0);
-    }
+    group_rows(keys, d, j0, m_end, ahead, zero_row, row);
     __m512 acc[16];
 #pragma GCC unroll 16
     for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
@@ -514,13 +524,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) void sc
   for (int64_t j0 = m_begin; j0 < m_end; j0 += 16) {
     const int64_t nr = std::min<int64_t>(16, m_end - j0);
     const int8_t* row[16];
-#pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) row[r] = r < nr ? keys + (j0 + r) * d : zero_row;
-    if (j0 + ahead < m_end) {
-      const char* pf = reinterpret_cast<const char*>(keys + (j0 + ahead) * d);
-      const int64_t pf_bytes = std::min<int64_t>(16, m_end - j0 - ahead) * d;
-      for (int64_t off = 0; off < pf_bytes; off += 64) _mm_prefetch(pf + off, _MM_HINT_T0);
-    }
+    group_rows(keys, d, j0, m_end, ahead, zero_row, row);
     __m512i half[2];
 #pragma GCC unroll 2
     for (int hf = 0; hf < 2; ++hf) {
