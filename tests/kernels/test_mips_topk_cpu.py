@@ -369,7 +369,7 @@ VNNI = ["1", "0"] if HAS_VNNI else ["0"]  # "0": the float path, on every CPU
 @pytest.mark.parametrize("vnni", VNNI, ids=lambda v: "vnni" if v == "1" else "float")
 @pytest.mark.parametrize("d,M", [(1, 5), (19, 1001), (31, 40), (32, 4099), (33, 17),
                                  (128, 5003), (257, 300), (512, 700), (513, 300)])
-def test_b1_int8_every_width(monkeypatch, vnni, d, M):
+def test_b1_int8_every_width(fresh_seed, monkeypatch, vnni, d, M):
     """B = 1 over int8 keys: the integer (VNNI) path and the float path against the float64
     oracle, at widths around its 32-column pieces, its d <= 512 limit (513 falls back) and
     with a validity mask."""
@@ -382,7 +382,7 @@ def test_b1_int8_every_width(monkeypatch, vnni, d, M):
 
 
 @pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
-def test_b1_int8_vnni_ties_threads_and_query_scale(monkeypatch):
+def test_b1_int8_vnni_ties_threads_and_query_scale(fresh_seed, monkeypatch):
     """The integer path: copies tie exactly (lower index first), results do not depend on
     the thread count, and queries whose scale is extreme (tiny, huge, zero) still work
     (outside float32's normal range they take the float path)."""
