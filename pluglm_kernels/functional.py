@@ -411,8 +411,8 @@ def encode_knowledge_factored(token_ids, attention_mask, word_embeddings, positi
         raise ValueError("encode_knowledge_factored has no gradient: use encode_knowledge to "
                          "train, or call it under torch.no_grad()")
     tt = None if token_type_ids is None else token_type_ids.contiguous()
-    be = "reference" if word_embeddings.dtype == torch.float64 and backend == "auto" else backend
-    be = _backends.resolve("encode_knowledge_factored", be, token_ids.device)
+    # (float64 tables pass validation only with backend="reference")
+    be = _backends.resolve("encode_knowledge_factored", backend, token_ids.device)
     if be == "reference":
         return reference.encode_knowledge_factored(
             token_ids, attention_mask, word_embeddings, position_embeddings,
