@@ -748,20 +748,21 @@ struct Partition {
 // summation order); which path runs depends only on B and the ISA, so a call is
 // reproducible.
 //
-// Dispatch (measured on the 2-core Xeon, benchmarks/NOTES.md "GEMM path", 1 thread,
-// d = 128, interleaved with the probe): MKL's sgemm at these shapes (K = d = 128, blocks of
-// ~1024 keys) runs at ~85-90% of its own 2048^3 rate, and the whole path at 0.80-0.83 of it
-// at B = 256 and 0.87 at B = 1024, where the AVX-512 micro-kernel reaches 0.85-0.88 and
-// 0.97. The GEMM path wins only where the micro-kernel wastes SIMD lanes (it pads B to
-// 32-query chunks, the GEMM to 16): 32 < B < 128 on AVX-512 (B = 40 / 48 / 80: 0.55 /
-// 0.65 / 0.74 vs 0.41 / 0.49 / 0.58; ties at 64 and 96). Under the AVX2 cap the AVX2
-// micro-kernel beats the GEMM at every B measured (MKL itself capped to AVX2), and under
+// Dispatch (measured on the 2-core Xeon, benchmarks/NOTES.md "GEMM path", d = 128, each
+// case interleaved with the probe): MKL's sgemm at these shapes (K = d = 128, blocks of
+// ~1024 keys) runs at ~85-90% of its own 2048^3 rate, and the whole path at 0.76-0.83 of it
+// at B = 256 and 0.78-0.87 at B = 1024, where the AVX-512 micro-kernel reaches 0.85-0.90
+// and 0.82-0.97. The GEMM path wins where the micro-kernel wastes SIMD lanes (it pads B to
+// 32-query chunks, the GEMM to 16) and at B = 32 (one chunk; +5-10% at M = 1e6), so
+// 17 <= B <= 127 on AVX-512 (M = 1e6, B = 32 / 48 / 80: 0.53 / 0.66 / 0.75 of the probe
+// vs 0.48 / 0.50 / 0.62; ties at 16, 64, 96 and 112; mixed at 128). Under the AVX2 cap the
+// AVX2 micro-kernel beats the GEMM at every B measured (MKL itself capped to AVX2); under
 // the scalar cap the GEMM is 4-100x faster at every B (the scalar kernel is portable C++).
 // The rule depends on B and the ISA only, never on the key dtype (bf16/int8 blocks are
 // converted to float32 for both paths and measured alike) or the thread count.
 // PLUGLM_CPU_MIPS_GEMM=0 / =1 forces the micro-kernel / the GEMM path at any B, read per
 // call (tests run both paths at every size; benchmarks/bench_mips_gemm.py compares them).
-constexpr int64_t kGemmMinB = 33;   // AVX-512: GEMM for kGemmMinB <= B <= kGemmMaxB
+constexpr int64_t kGemmMinB = 17;   // AVX-512: GEMM for kGemmMinB <= B <= kGemmMaxB
 constexpr int64_t kGemmMaxB = 127;
 // Queries per GEMM call (B is split evenly into chunks of at most this many). 128 measured
 // 0-10% faster than 256 with MKL at d = 128 (fewer scores per key block, same FLOPs).

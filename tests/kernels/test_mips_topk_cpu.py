@@ -420,7 +420,7 @@ def test_b1_int8_vnni_ties_threads_and_query_scale(fresh_seed, monkeypatch):
 # search_gemm), under the scalar cap every B; PLUGLM_CPU_MIPS_GEMM=1 / 0 forces it / the
 # register-blocked kernel at any B. Tests run both paths where the dispatch would pick one.
 
-GEMM_MIN_B, GEMM_MAX_B = 33, 127  # kGemmMinB, kGemmMaxB in csrc/cpu/mips_topk.cpp
+GEMM_MIN_B, GEMM_MAX_B = 17, 127  # kGemmMinB, kGemmMaxB in csrc/cpu/mips_topk.cpp
 
 
 def _gemm(monkeypatch, mode):
