@@ -751,8 +751,8 @@ struct Partition {
 // Dispatch (measured on the 2-core Xeon, benchmarks/NOTES.md "GEMM path", d = 128, each
 // case interleaved with the probe): MKL's sgemm at these shapes (K = d = 128, blocks of
 // ~1024 keys) runs at ~85-90% of its own 2048^3 rate, and the whole path at 0.76-0.83 of it
-// at B = 256 and 0.78-0.87 at B = 1024, where the AVX-512 micro-kernel reaches 0.85-0.90
-// and 0.82-0.97. The GEMM path wins where the micro-kernel wastes SIMD lanes (it pads B to
+// at B = 256 and 0.78-0.92 at B = 1024, where the AVX-512 micro-kernel reaches 0.86-0.94
+// and 0.82-0.99 (higher in every paired run, bf16 and int8 keys too). The GEMM path wins where the micro-kernel wastes SIMD lanes (it pads B to
 // 32-query chunks, the GEMM to 16) and at B = 32 (one chunk; +5-10% at M = 1e6), so
 // 17 <= B <= 127 on AVX-512 (M = 1e6, B = 32 / 48 / 80: 0.53 / 0.66 / 0.75 of the probe
 // vs 0.48 / 0.50 / 0.62; ties at 16, 64, 96 and 112; mixed at 128). Under the AVX2 cap the
