@@ -57,6 +57,13 @@ class PlugLMConfig(PretrainedConfig):
         cold-start fix, docs/design.md §1; for training from scratch also call
         ``model.align_retrieval(memory)`` and add ``pluglm.training.RetrievalAlignment``);
         "random" keeps independent random inits.
+      doc_position_embeddings: True (default, the paper's document side) adds the position
+        table to each entry token before the LayerNorm and pooling; False pools the entry's
+        tokens without positions, so an entry's key and value depend on which words it holds
+        and not on where they stand. For memories of short, differently worded fact entries
+        it learns several times faster and reads entries in wordings never trained on
+        (benchmarks/NOTES.md, "Quality"; docs/design.md §1). The query side always uses
+        positions.
 
     transformers options handled as in BERT: tie_word_embeddings (MLM decoder = word
     embeddings; default True, False with compat="published"), output_attentions /
@@ -74,7 +81,8 @@ class PlugLMConfig(PretrainedConfig):
                  num_memory_layers=1, memory_k=5, key_dim=128, doc_max_length=288,
                  memory_ffn_dim=768, knowledge_attention="multi_head", refresh_interval=200,
                  memory_attention_dropout=0.1, kernel_backend="auto", compat="paper",
-                 retrieval_init="aligned", tie_word_embeddings=None, **kwargs):
+                 retrieval_init="aligned", doc_position_embeddings=True, tie_word_embeddings=None,
+                 **kwargs):
         for name, v, lo in (("vocab_size", vocab_size, 1), ("hidden_size", hidden_size, 1),
                             ("num_hidden_layers", num_hidden_layers, 1),
                             ("num_attention_heads", num_attention_heads, 1),
@@ -111,6 +119,11 @@ class PlugLMConfig(PretrainedConfig):
             raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
         if retrieval_init not in RETRIEVAL_INITS:
             raise ValueError(f"retrieval_init must be one of {RETRIEVAL_INITS}, got {retrieval_init!r}")
+        if not isinstance(doc_position_embeddings, bool):
+            raise ValueError(f"doc_position_embeddings must be a bool, got {doc_position_embeddings!r}")
+        if compat == "published" and not doc_position_embeddings:
+            raise ValueError("doc_position_embeddings=False is not what the published code computes "
+                             "(it embeds entries with positions): use compat='paper'")
         if not isinstance(layer_norm_eps, (int, float)) or isinstance(layer_norm_eps, bool) \
                 or not layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be a positive float, got {layer_norm_eps!r}")
@@ -138,6 +151,7 @@ class PlugLMConfig(PretrainedConfig):
         self.memory_attention_dropout = memory_attention_dropout
         self.kernel_backend = kernel_backend
         self.retrieval_init = retrieval_init
+        self.doc_position_embeddings = doc_position_embeddings
         self.compat = compat
         # transformers 5.x ties the MLM decoder to the word embeddings only when the config
         # says so (4.x defaulted it to True in the base config). The published checkpoint's

@@ -337,6 +337,23 @@ class PlugLMKnowledgeEncoder(nn.Module):
         # encode_knowledge_factored); False: always the pooler's matmul (encode_knowledge).
         self.use_tables = True
         self._tables = _TablesCache()
+        # config.doc_position_embeddings=False: entry tokens are embedded without positions
+        # (docs/design.md §1): a zero table in place of the position table keeps every
+        # kernel's signature. Made on first use to match the position table's dtype and
+        # device; not a buffer (a buffer made on transformers' meta device at load time
+        # would come back uninitialised, and it is no weight to save).
+        self.use_positions = bool(getattr(config, "doc_position_embeddings", True))
+        self._position_zeros = None
+
+    def position_table(self, emb: "PlugLMEmbeddings") -> torch.Tensor:
+        """The position table entry tokens are embedded with: ``emb``'s, or zeros."""
+        w = emb.position_embeddings.weight
+        if self.use_positions:
+            return w
+        z = self._position_zeros
+        if z is None or z.dtype != w.dtype or z.device != w.device or z.shape != w.shape:
+            z = self._position_zeros = torch.zeros(w.shape, dtype=w.dtype, device=w.device)
+        return z
 
 
 class _TablesCache:
@@ -353,8 +370,8 @@ class _TablesCache:
     def __deepcopy__(self, memo):
         return _TablesCache()
 
-    def get(self, emb: "PlugLMEmbeddings", pool) -> "pluglm_kernels.EncoderTables":
-        ts = (emb.word_embeddings.weight, emb.position_embeddings.weight,
+    def get(self, emb: "PlugLMEmbeddings", pool, positions) -> "pluglm_kernels.EncoderTables":
+        ts = (emb.word_embeddings.weight, positions,
               emb.token_type_embeddings.weight, emb.LayerNorm.weight, emb.LayerNorm.bias,
               pool.w1, pool.b1)
         key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.shape, t.device) for t in ts)
@@ -378,7 +395,7 @@ def _tables_apply(emb, knowledge_encoder, backend: str, token_ids) -> bool:
         return False
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
-    params = (w, emb.position_embeddings.weight, emb.token_type_embeddings.weight,
+    params = (w, knowledge_encoder.position_table(emb), emb.token_type_embeddings.weight,
               emb.LayerNorm.weight, emb.LayerNorm.bias, knowledge_encoder.pooler.w1,
               knowledge_encoder.pooler.b1, knowledge_encoder.pooler.w2,
               knowledge_encoder.pooler.b2)
@@ -409,26 +426,27 @@ def _encode_entries(emb: "PlugLMEmbeddings", knowledge_encoder: "PlugLMKnowledge
                          f"{tuple(token_ids.shape)}, got {tuple(getattr(attention_mask, 'shape', ()))}")
     pool = knowledge_encoder.pooler
     device = emb.word_embeddings.weight.device
+    positions = knowledge_encoder.position_table(emb)
     if dropout or pool.denominator_eps is not None:
         # compat="published": the embedding module's own math, then its dropout (training
         # re-encode only) and the published pooling; the fused op has neither
         ids = token_ids.to(device).long()
         x = (emb.word_embeddings(ids) + emb.token_type_embeddings.weight[0]
-             + emb.position_embeddings.weight[:ids.shape[1]])  # [E, L, d]
+             + positions[:ids.shape[1]])  # [E, L, d]
         x = F.dropout(emb.LayerNorm(x), emb.dropout.p, training=dropout)
         pooled = pool(x, attention_mask.to(device))  # [E, d]
         return knowledge_encoder.key_proj(pooled), knowledge_encoder.value_proj(pooled)
     if _tables_apply(emb, knowledge_encoder, backend, token_ids):
         pooled = pluglm_kernels.encode_knowledge_factored(
             token_ids, attention_mask, emb.word_embeddings.weight,
-            emb.position_embeddings.weight, emb.token_type_embeddings.weight,
+            positions, emb.token_type_embeddings.weight,
             emb.LayerNorm.weight, emb.LayerNorm.bias,
-            knowledge_encoder._tables.get(emb, pool), pool.w2, pool.b2,
+            knowledge_encoder._tables.get(emb, pool, positions), pool.w2, pool.b2,
             eps=emb.LayerNorm.eps, backend=backend)  # [E, d]
         return knowledge_encoder.key_proj(pooled), knowledge_encoder.value_proj(pooled)
     pooled = pluglm_kernels.encode_knowledge(
         token_ids.to(device), attention_mask.to(device), emb.word_embeddings.weight,
-        emb.position_embeddings.weight, emb.token_type_embeddings.weight, emb.LayerNorm.weight,
+        positions, emb.token_type_embeddings.weight, emb.LayerNorm.weight,
         emb.LayerNorm.bias, pool.w1, pool.b1, pool.w2, pool.b2, eps=emb.LayerNorm.eps,
         backend=backend)  # [E, d]
     return knowledge_encoder.key_proj(pooled), knowledge_encoder.value_proj(pooled)
