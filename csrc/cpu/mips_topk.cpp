@@ -24,6 +24,10 @@
 // asc). So results do not depend on the number of threads, and copies of a key tie exactly
 // and come out lower index first. A NaN score (NaN in a key row) is never selected.
 //
+// Some B go instead through the BLAS GEMM that torch links, then a SIMD selection
+// (search_gemm below: per thread a key block times a query chunk into an L2-sized score
+// block; the dispatch rule and its measurements are there).
+//
 // Instruction sets: AVX-512F and AVX2+FMA+F16C kernels are compiled with target attributes
 // and picked per call by isa.h (PLUGLM_CPU_ISA=avx512|avx2|scalar caps the choice; tests
 // use it to exercise each path); a portable scalar kernel covers everything else.
@@ -724,6 +728,211 @@ struct Partition {
   std::vector<float> thr;   // [n_chunks * cw]; +inf in padded lanes so they never hit
 };
 
+// ------------------------------------------- large B: the BLAS GEMM, then a SIMD selection
+//
+// At large B the search is compute-bound. This path lets the BLAS do the FLOPs (the
+// micro-kernel broadcasts keys from the row-major table; MKL packs both operands, and was
+// expected to run ~20% faster than it, benchmarks/NOTES.md, issue 14): per key block, S [mb][bc] = keys_block [mb][d] @ Q_chunk^T [d][bc] into a per-thread
+// buffer (at::mm_out, so MKL's sgemm where torch links it), then each key row's bc scores
+// are compared with the bc thresholds by a few vector compares; only a row with a hit
+// touches the heaps. Selection is ~bc/16 compares per row against ~bc*d/16 FMAs of GEMM.
+//
+// Determinism with a BLAS we do not control: block boundaries are global (multiples of mb
+// from row 0, not of the thread partition), every GEMM call of a search has the same shape
+// and strides (the last, short block is copied into a zero-padded block), K = d is never
+// split by us, and each call runs on one thread (mkl_set_num_threads_local(1) where torch
+// links MKL; otherwise the call sits inside the OpenMP region, where BLASes run serially).
+// So a key's score is the same arithmetic wherever the key sits and however many threads
+// run: results do not depend on the thread count and copies tie exactly (tested, odd d
+// and odd M included). The scores differ from the micro-kernel's in the last bits (another
+// summation order); which path runs depends only on B and the ISA, so a call is
+// reproducible.
+//
+// Dispatch (measured on the 2-core Xeon, benchmarks/NOTES.md "GEMM path", d = 128, each
+// case interleaved with the probe): MKL's sgemm at these shapes (K = d = 128, blocks of
+// ~1024 keys) runs at ~85-90% of its own 2048^3 rate, and the whole path at 0.76-0.83 of it
+// at B = 256 and 0.78-0.92 at B = 1024, where the AVX-512 micro-kernel reaches 0.86-0.94
+// and 0.82-0.99 (higher in every paired run, bf16 and int8 keys too). The GEMM path wins where the micro-kernel wastes SIMD lanes (it pads B to
+// 32-query chunks, the GEMM to 16) and at B = 32 (one chunk; +5-10% at M = 1e6), so
+// 17 <= B <= 127 on AVX-512 (M = 1e6, B = 32 / 48 / 80: 0.53 / 0.66 / 0.75 of the probe
+// vs 0.48 / 0.50 / 0.62; ties at 16, 64, 96 and 112; mixed at 128). Under the AVX2 cap the
+// AVX2 micro-kernel beats the GEMM at every B measured (MKL itself capped to AVX2); under
+// the scalar cap the GEMM is 4-100x faster at every B (the scalar kernel is portable C++).
+// The rule depends on B and the ISA only, never on the key dtype (bf16/int8 blocks are
+// converted to float32 for both paths and measured alike) or the thread count.
+// PLUGLM_CPU_MIPS_GEMM=0 / =1 forces the micro-kernel / the GEMM path at any B, read per
+// call (tests run both paths at every size; benchmarks/bench_mips_gemm.py compares them).
+constexpr int64_t kGemmMinB = 17;   // AVX-512: GEMM for kGemmMinB <= B <= kGemmMaxB
+constexpr int64_t kGemmMaxB = 127;
+// Queries per GEMM call (B is split evenly into chunks of at most this many). 128 measured
+// 0-10% faster than 256 with MKL at d = 128 (fewer scores per key block, same FLOPs).
+constexpr int64_t kGemmMaxChunk = 128;
+// Per thread: one key block (<= kGemmKeyBytes of float32 rows) and one score block
+// (<= kGemmScoreBytes), both L2-sized, so the key block is read from L2 by every chunk
+// and the scores are re-read from L2 by the selection.
+constexpr int64_t kGemmKeyBytes = 512 * 1024;
+constexpr int64_t kGemmScoreBytes = 512 * 1024;
+constexpr int64_t kGemmRowAlign = 64;  // mb is a multiple: whole micro-tiles in the BLAS
+
+int gemm_switch() {  // -1 auto, 0 never, 1 always
+  const char* env = std::getenv("PLUGLM_CPU_MIPS_GEMM");
+  if (env == nullptr) return -1;
+  if (std::strcmp(env, "0") == 0) return 0;
+  if (std::strcmp(env, "1") == 0) return 1;
+  return -1;
+}
+
+bool use_gemm(int64_t B) {
+  const int sw = gemm_switch();
+  if (sw != -1) return sw == 1;
+  const Isa isa = active_isa();
+  if (isa == Isa::Scalar) return true;
+  return isa == Isa::Avx512 && B >= kGemmMinB && B <= kGemmMaxB;
+}
+
+}  // namespace
+
+// Thread-local MKL thread count (MKL service C interface, exported by torch's MKL build;
+// mkl_set_num_threads_local is a macro for it in mkl_service.h); weak, so the extension
+// still loads against a torch without MKL.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace {
+
+struct SerialBlas {
+  int prev = 0;
+  bool set = false;
+  SerialBlas() {
+    if (&MKL_Set_Num_Threads_Local != nullptr) {
+      prev = MKL_Set_Num_Threads_Local(1);
+      set = true;
+    }
+  }
+  ~SerialBlas() {
+    if (set) MKL_Set_Num_Threads_Local(prev);
+  }
+};
+
+// Pushes the scores of rows [0, nb) of S [.][bc] (key j0 + r, queries b0 + l, l < nq) that
+// reach their query's threshold thr [bc] (+inf in padded lanes). NaN never compares >=.
+inline void push_row(const float* row, int64_t nq, int64_t j, int64_t b0, float* thr,
+                     Partition& P, int64_t k) {
+  for (int64_t l = 0; l < nq; ++l) {
+    if (!(row[l] >= thr[l])) continue;
+    const int64_t b = b0 + l;
+    HeapRef h{P.hs.data() + b * k, P.hi.data() + b * k, P.hn.data() + b, k};
+    thr[l] = h.push(row[l], j);
+  }
+}
+
+void select_scalar(const float* S, int64_t bc, int64_t nb, int64_t j0, int64_t b0, int64_t nq,
+                   float* thr, const bool* vmask, Partition& P, int64_t k) {
+  for (int64_t r = 0; r < nb; ++r) {
+    const float* row = S + r * bc;
+    bool hit = false;
+    for (int64_t l = 0; l < bc; ++l) hit |= row[l] >= thr[l];
+    if (!hit || (vmask && !vmask[j0 + r])) continue;
+    push_row(row, nq, j0 + r, b0, thr, P, k);
+  }
+}
+
+#ifdef PLUGLM_X86
+__attribute__((target("avx512f"))) void select_avx512(const float* S, int64_t bc, int64_t nb,
+                                                      int64_t j0, int64_t b0, int64_t nq,
+                                                      float* thr, const bool* vmask,
+                                                      Partition& P, int64_t k) {
+  for (int64_t r = 0; r < nb; ++r) {
+    const float* row = S + r * bc;
+    __mmask16 hit = 0;
+    for (int64_t l = 0; l < bc; l += 16)
+      hit |= _mm512_cmp_ps_mask(_mm512_loadu_ps(row + l), _mm512_loadu_ps(thr + l), _CMP_GE_OQ);
+    if (!hit || (vmask && !vmask[j0 + r])) continue;
+    push_row(row, nq, j0 + r, b0, thr, P, k);
+  }
+}
+
+__attribute__((target("avx2"))) void select_avx2(const float* S, int64_t bc, int64_t nb,
+                                                 int64_t j0, int64_t b0, int64_t nq, float* thr,
+                                                 const bool* vmask, Partition& P, int64_t k) {
+  for (int64_t r = 0; r < nb; ++r) {
+    const float* row = S + r * bc;
+    __m256 hit = _mm256_setzero_ps();
+    for (int64_t l = 0; l < bc; l += 8)
+      hit = _mm256_or_ps(hit, _mm256_cmp_ps(_mm256_loadu_ps(row + l), _mm256_loadu_ps(thr + l),
+                                            _CMP_GE_OQ));
+    if (!_mm256_movemask_ps(hit) || (vmask && !vmask[j0 + r])) continue;
+    push_row(row, nq, j0 + r, b0, thr, P, k);
+  }
+}
+#endif
+
+using SelectFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*,
+                          const bool*, Partition&, int64_t);
+
+// Searches every key with the GEMM path; returns one Partition (heaps) per thread.
+std::vector<Partition> search_gemm(const float* qp, int64_t B, int64_t d, int64_t M, int64_t k,
+                                   KeyType kt, const char* kbase, int64_t esz,
+                                   const float* scales, const bool* vmask) {
+  const Isa isa = active_isa();
+  ConvertFn convert = &convert_scalar;
+  SelectFn select = &select_scalar;
+#ifdef PLUGLM_X86
+  if (isa == Isa::Avx512) convert = &convert_avx512, select = &select_avx512;
+  if (isa == Isa::Avx2) convert = &convert_avx2, select = &select_avx2;
+#endif
+  // Query chunks of equal width bc (a multiple of 16), zero-padded: Q [n_chunks * bc][d].
+  const int64_t n_chunks = (B + kGemmMaxChunk - 1) / kGemmMaxChunk;
+  const int64_t bc = ((B + n_chunks - 1) / n_chunks + 15) / 16 * 16;
+  at::Tensor q = at::zeros({n_chunks * bc, d}, at::kFloat);
+  std::memcpy(q.data_ptr<float>(), qp, static_cast<size_t>(B * d) * sizeof(float));
+  // Key rows per block: a function of d and bc only, so block boundaries are global.
+  int64_t mb = std::min(kGemmKeyBytes / (4 * d), kGemmScoreBytes / (4 * bc));
+  mb = std::max<int64_t>(kGemmRowAlign, mb / kGemmRowAlign * kGemmRowAlign);
+  const int64_t n_blocks = (M + mb - 1) / mb;
+  const int64_t n_threads = std::max<int>(1, at::get_num_threads());
+  const int64_t n_parts = std::max<int64_t>(1, std::min(n_threads, n_blocks));
+  const int64_t blocks_per_part = (n_blocks + n_parts - 1) / n_parts;
+  std::vector<Partition> parts(static_cast<size_t>(n_parts));
+  const float inf = std::numeric_limits<float>::infinity();
+
+  at::parallel_for(0, n_parts, 1, [&](int64_t p_begin, int64_t p_end) {
+    SerialBlas serial;
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      Partition& P = parts[p];
+      P.hs.assign(static_cast<size_t>(B * k), 0.f);
+      P.hi.assign(static_cast<size_t>(B * k), 0);
+      P.hn.assign(static_cast<size_t>(B), 0);
+      P.thr.assign(static_cast<size_t>(n_chunks * bc), inf);
+      for (int64_t b = 0; b < B; ++b) P.thr[b] = -inf;
+      at::Tensor sbuf = at::empty({mb, bc}, at::kFloat);
+      at::Tensor kbuf;  // float32 rows of a converted or short block
+      const float* S = sbuf.data_ptr<float>();
+      const int64_t blk_end = std::min(n_blocks, (p + 1) * blocks_per_part);
+      for (int64_t blk = p * blocks_per_part; blk < blk_end; ++blk) {
+        const int64_t j0 = blk * mb;
+        const int64_t nb = std::min(mb, M - j0);
+        at::Tensor a;
+        if (kt == KeyType::F32 && nb == mb) {
+          a = at::from_blob(const_cast<char*>(kbase) + j0 * d * esz, {mb, d}, at::kFloat);
+        } else {
+          if (!kbuf.defined()) kbuf = at::empty({mb, d}, at::kFloat);
+          float* kb = kbuf.data_ptr<float>();
+          for (int64_t r = 0; r < nb; ++r)
+            convert(kbase + (j0 + r) * d * esz, kt, scales ? scales[j0 + r] : 1.f, kb + r * d, d);
+          std::fill(kb + nb * d, kb + mb * d, 0.f);
+          a = kbuf;
+        }
+        for (int64_t ch = 0; ch < n_chunks; ++ch) {
+          at::mm_out(sbuf, a, q.narrow(0, ch * bc, bc).t());
+          const int64_t b0 = ch * bc;
+          select(S, bc, nb, j0, b0, std::min(bc, B - b0), P.thr.data() + b0, vmask, P, k);
+        }
+      }
+    }
+  });
+  return parts;
+}
+
 void check_args(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
                 const c10::optional<at::Tensor>& key_scales, const c10::optional<at::Tensor>& valid) {
   TORCH_CHECK(queries.device().is_cpu(), "_C_mips_topk (cpu): queries must be a CPU tensor, got ",
@@ -781,6 +990,35 @@ void check_args(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
   }
 }
 
+// Merges the per-thread heaps: the best k of each query by (score desc, index asc), the
+// tail (fewer valid rows than k) filled with (-inf, -1).
+std::tuple<at::Tensor, at::Tensor> merge_parts(const std::vector<Partition>& parts, int64_t B,
+                                               int64_t k) {
+  const int64_t n_parts = static_cast<int64_t>(parts.size());
+  const float inf = std::numeric_limits<float>::infinity();
+  at::Tensor out_s = at::empty({B, k}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor out_i = at::empty({B, k}, at::TensorOptions().dtype(at::kLong));
+  float* os = out_s.data_ptr<float>();
+  int64_t* oi = out_i.data_ptr<int64_t>();
+  at::parallel_for(0, B, 16, [&](int64_t b_begin, int64_t b_end) {
+    std::vector<std::pair<float, int64_t>> cand;
+    cand.reserve(static_cast<size_t>(n_parts * k));
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      cand.clear();
+      for (const Partition& P : parts)
+        for (int64_t t = 0; t < P.hn[b]; ++t) cand.emplace_back(P.hs[b * k + t], P.hi[b * k + t]);
+      const int64_t take = std::min<int64_t>(k, static_cast<int64_t>(cand.size()));
+      std::partial_sort(cand.begin(), cand.begin() + take, cand.end(),
+                        [](const auto& a, const auto& c) { return better(a.first, a.second, c.first, c.second); });
+      for (int64_t t = 0; t < k; ++t) {
+        os[b * k + t] = t < take ? cand[t].first : -inf;
+        oi[b * k + t] = t < take ? cand[t].second : -1;
+      }
+    }
+  });
+  return {out_s, out_i};
+}
+
 std::tuple<at::Tensor, at::Tensor> mips_topk_cpu(const at::Tensor& queries, const at::Tensor& keys,
                                                  int64_t k,
                                                  const c10::optional<at::Tensor>& key_scales,
@@ -794,6 +1032,17 @@ std::tuple<at::Tensor, at::Tensor> mips_topk_cpu(const at::Tensor& queries, cons
                      : keys.scalar_type() == at::kBFloat16 ? KeyType::BF16
                                                            : KeyType::I8;
   const int64_t esz = keys.element_size();
+  if (use_gemm(B)) {
+    const float* qp = q32.data_ptr<float>();
+    bool finite = true;
+    for (int64_t t = 0; t < B * d; ++t) finite &= std::isfinite(qp[t]);
+    TORCH_CHECK(finite, "_C_mips_topk: queries must be finite (found NaN or Inf)");
+    return merge_parts(
+        search_gemm(qp, B, d, M, k, kt, static_cast<const char*>(keys.data_ptr()), esz,
+                    key_scales.has_value() ? key_scales->data_ptr<float>() : nullptr,
+                    valid.has_value() ? valid->data_ptr<bool>() : nullptr),
+        B, k);
+  }
   const Impl impl = pick_impl(B);
   const int64_t CW = impl.cw, NR = impl.nr;
   const int64_t n_chunks = (B + CW - 1) / CW;
@@ -918,27 +1167,7 @@ std::tuple<at::Tensor, at::Tensor> mips_topk_cpu(const at::Tensor& queries, cons
     }
   });
 
-  at::Tensor out_s = at::empty({B, k}, queries.options().dtype(at::kFloat));
-  at::Tensor out_i = at::empty({B, k}, queries.options().dtype(at::kLong));
-  float* os = out_s.data_ptr<float>();
-  int64_t* oi = out_i.data_ptr<int64_t>();
-  at::parallel_for(0, B, 16, [&](int64_t b_begin, int64_t b_end) {
-    std::vector<std::pair<float, int64_t>> cand;
-    cand.reserve(static_cast<size_t>(n_parts * k));
-    for (int64_t b = b_begin; b < b_end; ++b) {
-      cand.clear();
-      for (const Partition& P : parts)
-        for (int64_t t = 0; t < P.hn[b]; ++t) cand.emplace_back(P.hs[b * k + t], P.hi[b * k + t]);
-      const int64_t take = std::min<int64_t>(k, static_cast<int64_t>(cand.size()));
-      std::partial_sort(cand.begin(), cand.begin() + take, cand.end(),
-                        [](const auto& a, const auto& c) { return better(a.first, a.second, c.first, c.second); });
-      for (int64_t t = 0; t < k; ++t) {
-        os[b * k + t] = t < take ? cand[t].first : -inf;
-        oi[b * k + t] = t < take ? cand[t].second : -1;
-      }
-    }
-  });
-  return {out_s, out_i};
+  return merge_parts(parts, B, k);
 }
 
 }  // namespace

@@ -412,3 +412,185 @@ def test_b1_int8_vnni_ties_threads_and_query_scale(fresh_seed, monkeypatch):
         _check(s, i, q, keys, 7, scales)
     s, i = _op(torch.zeros(1, 40), keys, 4, scales, None)  # every score 0: lowest ids
     assert torch.equal(i, torch.arange(4)[None]) and torch.equal(s, torch.zeros(1, 4))
+
+
+# ------------------------------------------------ large B: the BLAS GEMM path + selection
+#
+# On AVX-512, GEMM_MIN_B <= B <= GEMM_MAX_B takes the GEMM path (csrc/cpu/mips_topk.cpp,
+# search_gemm), under the scalar cap every B; PLUGLM_CPU_MIPS_GEMM=1 / 0 forces it / the
+# register-blocked kernel at any B. Tests run both paths where the dispatch would pick one.
+
+GEMM_MIN_B, GEMM_MAX_B = 17, 127  # kGemmMinB, kGemmMaxB in csrc/cpu/mips_topk.cpp
+
+
+def _gemm(monkeypatch, mode):
+    if mode is None:
+        monkeypatch.delenv("PLUGLM_CPU_MIPS_GEMM", raising=False)
+    else:
+        monkeypatch.setenv("PLUGLM_CPU_MIPS_GEMM", mode)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "B,d,M,k",
+    [(GEMM_MIN_B - 1, 33, 3001, 5), (GEMM_MIN_B, 17, 2999, 7), (GEMM_MIN_B + 1, 128, 5003, 10),
+     (GEMM_MAX_B, 31, 4097, 64), (GEMM_MAX_B + 1, 9, 2049, 2), (257, 7, 1501, 3),
+     (300, 65, 1023, 1023)],
+    ids=lambda v: str(v),
+)
+def test_gemm_path_around_threshold(fresh_seed, monkeypatch, B, d, M, k, dtype):
+    """Odd M (a short last block), odd d, B around the dispatch threshold and over one
+    query chunk (129, 257, 300: several chunks, the last one padded), k up to M, every key
+    dtype, with a valid mask; against the float64 oracle. Automatic dispatch and forced
+    GEMM path."""
+    q, keys, scales = _make(B, d, M, dtype)
+    valid = torch.rand(M) < 0.9 if k < M else None
+    for mode in (None, "1"):
+        _gemm(monkeypatch, mode)
+        kk = min(k, M if valid is None else int(valid.sum()))
+        s, i = _op(q, keys, kk, scales, valid)
+        _check(s, i, q, keys, kk, scales, valid)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+def test_gemm_path_every_isa(monkeypatch, isa, dtype):
+    """The selection has AVX-512, AVX2 and scalar forms; the conversion of f16/bf16/int8
+    blocks too. B = 1 and 3 with the path forced: tiny chunks, padded lanes."""
+    _set_isa(monkeypatch, isa)
+    _gemm(monkeypatch, "1")
+    for B in (1, 3, 70):
+        q, keys, scales = _make(B, 19, 2001, dtype)
+        valid = torch.rand(2001) < 0.8
+        s, i = _op(q, keys, 16, scales, valid)
+        _check(s, i, q, keys, 16, scales, valid)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+def test_blocked_kernel_forced_every_isa(monkeypatch, isa, dtype):
+    """The register-blocked kernels stay reachable where the dispatch prefers the GEMM (every
+    B under the scalar cap, 33..127 on AVX-512)."""
+    _set_isa(monkeypatch, isa)
+    _gemm(monkeypatch, "0")
+    for B in (3, 40, 100):
+        q, keys, scales = _make(B, 21, 1503, dtype)
+        valid = torch.rand(1503) < 0.8
+        s, i = _op(q, keys, 11, scales, valid)
+        _check(s, i, q, keys, 11, scales, valid)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+@pytest.mark.parametrize("d", [33, 128])
+def test_gemm_path_copies_tie_to_lower_index(monkeypatch, dtype, d):
+    """Copies of a row sit at every position of a GEMM block, in different blocks and in the
+    zero-padded last block; all must score bit-identically (lower index first). B = 150:
+    two query chunks."""
+    M, n_base, B = 9001, 17, 150
+    which = torch.randint(0, n_base, (M,))
+    base = torch.randn(n_base, d)
+    q = torch.randn(B, d)
+    if dtype == torch.int8:
+        base8, base_sc = pk.quantize_keys(base)
+        keys, scales = base8[which], base_sc[which]
+        base64 = R.dequantize_keys(base8, base_sc, torch.float64)
+    else:
+        base, q = base.to(dtype), q.to(dtype)
+        keys, scales = base[which], None
+        base64 = base.double()
+    per_row = (q.double() @ base64.T)[:, which]
+    want = torch.sort(per_row, dim=1, descending=True, stable=True)
+    for mode, k in [(m, k) for m in ("1", None) for k in (1, 7, 400)]:
+        _gemm(monkeypatch, mode)
+        s, i = _op(q, keys, k, scales, None)
+        assert torch.equal(i, want.indices[:, :k])
+        torch.testing.assert_close(s.double(), want.values[:, :k], rtol=2e-5, atol=2e-5)
+        # bit-identical scores among copies of a row
+        for b in range(0, B, 17):
+            got = {}
+            for sc, ix in zip(s[b].tolist(), i[b].tolist()):
+                assert got.setdefault(int(which[ix]), sc) == sc
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8],
+                         ids=["float32", "bfloat16", "int8"])
+def test_gemm_path_thread_count_independent(monkeypatch, dtype):
+    """1, 2 and 3 threads (3 > cores: another partition of the blocks) give identical results,
+    ties included; odd d, a short last block; B = 100 (automatic: GEMM on AVX-512) and
+    B = 150 with the path forced (two query chunks)."""
+    M, d = 40013, 29
+    base = torch.randn(700, d)
+    keys = torch.cat([torch.randn(M - 15000, d), base[torch.randint(0, 700, (15000,))]])
+    qs = {None: torch.randn(100, d), "1": torch.randn(150, d)}
+    scales = None
+    if dtype == torch.int8:
+        keys, scales = pk.quantize_keys(keys)
+    else:
+        keys = keys.to(dtype)
+        qs = {m: x.to(dtype) for m, x in qs.items()}
+    valid = torch.rand(M) < 0.9
+    old = torch.get_num_threads()
+    for mode in (None, "1"):
+        _gemm(monkeypatch, mode)
+        q = qs[mode]
+        outs = []
+        try:
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                outs.append(_op(q, keys, 40, scales, valid))
+        finally:
+            torch.set_num_threads(old)
+        for s, i in outs[1:]:
+            assert torch.equal(i, outs[0][1])
+            assert torch.equal(s, outs[0][0])
+        _check(outs[0][0], outs[0][1], q, keys, 40, scales, valid)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+def test_gemm_path_nan_rows_never_returned(fresh_seed, monkeypatch, dtype):
+    _gemm(monkeypatch, None)
+    M, B = 3000, GEMM_MIN_B + 14
+    q, keys, scales = _make(B, 24, M, dtype)
+    bad = torch.randperm(M)[:101]
+    if scales is not None:
+        scales = scales.clone()
+        scales[bad] = float("nan")
+    else:
+        keys = keys.clone()
+        keys[bad, 5] = float("nan")
+    s, i = _op(q, keys, 9, scales, None)
+    assert not bool(torch.isin(i, bad).any())
+    assert bool(torch.isfinite(s).all())
+    ref_s, _ = R.mips_topk(q.double(), keys, 9, scales, None)
+    torch.testing.assert_close(s, ref_s, rtol=1e-3, atol=1e-3)
+
+
+def test_gemm_path_k_beyond_valid_rows(monkeypatch):
+    """k above the valid rows: a direct call pads the tail with (-1, -inf); exact_topk with
+    pad=True pads to k > M."""
+    from pluglm.topk import exact_topk
+
+    _gemm(monkeypatch, None)
+    M, B = 1300, 70
+    q, keys, _ = _make(B, 16, M, torch.float32)
+    valid = torch.zeros(M, dtype=torch.bool)
+    valid[torch.randperm(M)[:37]] = True
+    s, i = _op(q, keys, 50, None, valid)
+    _check(s, i, q, keys, 50, None, valid)
+    assert (i[:, 37:] == -1).all() and torch.isneginf(s[:, 37:]).all()
+    small = keys[:29]
+    s, i = exact_topk(q, small, 40, backend="cpu", pad=True)
+    assert (i[:, 29:] == -1).all() and torch.isneginf(s[:, 29:]).all()
+    _check(s[:, :29], i[:, :29], q, small, 29)
+
+
+def test_gemm_and_blocked_kernel_agree(monkeypatch):
+    """Both CPU paths pick the same rows (scores equal to float32 rounding) on one input."""
+    q, keys, _ = _make(96, 128, 20011, torch.float32)
+    out = {}
+    for mode in ("0", "1"):
+        _gemm(monkeypatch, mode)
+        out[mode] = _op(q, keys, 10, None, None)
+    torch.testing.assert_close(out["0"][0], out["1"][0], rtol=1e-5, atol=1e-4)
+    _check(*out["1"], q, keys, 10)
+    _check(*out["0"], q, keys, 10)
