@@ -158,7 +158,7 @@ def test_bench_large_rows(tmp_path):
     memory built, loaded mapped, searched and deleted."""
     from pluglm.bench.large import LargeConfig, run_large
 
-    cfg = LargeConfig(Ms=(3000,), Bs=(1, 4), L=16, chunk=1000, work_dir=str(tmp_path / "w"),
+    cfg = LargeConfig(Ms=(3000,), Bs=(1, 4, 32), L=16, chunk=1000, work_dir=str(tmp_path / "w"),
                       budget_s=0.05, ceiling_bytes=1 << 22, recall_entries=0,
                       cost_Ms=())
     out = run_large(cfg, show_progress=False, log=lambda *a: None)
@@ -170,6 +170,14 @@ def test_bench_large_rows(tmp_path):
     for r in rows:
         assert {"bench", "impl", "shape", "median_ms", "peak_mb", "pct_roofline"} <= set(r)
         assert r["median_ms"] > 0
+        if r["bench"] != "memory load (mapped)":
+            # a compute-bound case's ceiling is the GEMM rate measured right around it
+            compute = r["extra"]["bound"] == "compute"
+            assert compute or r["shape"]["B"] < 32  # which side B = 4 falls on depends on the probes
+            assert ("gemm_before_after_gflops" in r["extra"]) == compute
+            if compute:
+                g = r["extra"]["gemm_before_after_gflops"]
+                assert len(g) == 2 and min(g) > 0 and r["extra"]["pct_of_run_gemm"] > 0
     load = next(r for r in rows if r["bench"] == "memory load (mapped)")
     assert load["extra"]["bytes_per_entry"] > 16 * 2 + 128
     assert set(out["ceilings"]) == {"read_gbs", "copy_gbs", "gemm_f32_gflops"}
