@@ -10,8 +10,9 @@ Per M (synthetic entries, d = 128 keys, 128-token int16 entries, no value table)
 - each search row's ``pct_roofline``: its time against the ceiling that bounds it — the
   bytes of keys it must read over the measured memory read bandwidth, or its 2·B·M·d flops
   over the measured float32 GEMM rate, whichever takes longer. Both ceilings are measured
-  in the same run (``measure_ceilings``); a compute-bound case's GEMM rate is measured again
-  right before and right after it, and their mean is its ceiling (``_roofline``);
+  in the same run (``measure_ceilings``); a compute-bound case is timed in 3 rounds with
+  the GEMM rate measured around each, and its percent is the median of the rounds' (a
+  round's ceiling: the GEMM rate just before and after it; ``_roofline``);
 - int8 / bf16 / fp16 recall against float32 on real sentence embeddings, and the ANN
   baselines (faiss IVF, HNSW; two operating points each) against our exact search on
   clustered anisotropic synthetic keys, isotropic ones and the real embeddings: recall@5/@10
@@ -116,33 +117,47 @@ def _compute_bound(M: int, d: int, B: int, key_bytes: float, ceil: dict) -> bool
 
 
 def _roofline(ms: float, M: int, d: int, B: int, key_bytes: float, ceil: dict,
-              local_gemm: tuple | None = None) -> tuple[float, dict]:
-    """Percent of the ceiling that bounds the case. ``local_gemm``: GEMM rates measured just
-    before and just after a compute-bound case; their mean is its ceiling. This host's speed
+              rounds: list | None = None) -> tuple[float, dict]:
+    """Percent of the ceiling that bounds the case. ``rounds`` (compute-bound cases): per
+    round (case ms, GEMM rate around it); the percent is then the median over rounds of the
+    round's rate against the GEMM rate measured just before and after it. This host's speed
     moves by up to ~40% within minutes (other tenants), so a rate measured at the start of a
     12-minute run is not the rate a case ran beside (benchmarks/NOTES.md, issue 14: the same
-    kernel at 0.67 of the run's probe and 0.86-0.94 of probes in the same minute)."""
+    kernel at 0.67 of the run's probe, 0.86-0.94 of probes in the same minute)."""
     nbytes = M * key_bytes
     flops = 2.0 * B * M * d
-    gemm = ceil["gemm_f32_gflops"] if local_gemm is None else sum(local_gemm) / len(local_gemm)
     t_mem = nbytes / (ceil["read_gbs"] * 1e9)
-    t_cmp = flops / (gemm * 1e9)
+    t_cmp = flops / (ceil["gemm_f32_gflops"] * 1e9)
     bound = "memory" if t_mem >= t_cmp else "compute"
     pct = 100.0 * max(t_mem, t_cmp) / (ms * 1e-3)
     ex = {"bound": bound, "achieved_gbs": round(nbytes / (ms * 1e-3) / 1e9, 2),
           "achieved_gflops": round(flops / (ms * 1e-3) / 1e9, 1)}
-    if local_gemm is not None:
-        ex["gemm_before_after_gflops"] = [round(g, 1) for g in local_gemm]
-        ex["pct_of_run_gemm"] = round(100.0 * flops / (ceil["gemm_f32_gflops"] * 1e9) / (ms * 1e-3), 1)
+    if rounds:
+        ex["pct_of_run_gemm"] = round(pct, 1)
+        ex["rounds_ms_gemm"] = [[round(r_ms, 2), round(g, 1)] for r_ms, g in rounds]
+        pcts = sorted(100.0 * flops / (g * 1e9) / (r_ms * 1e-3) for r_ms, g in rounds)
+        pct = pcts[len(pcts) // 2] if len(pcts) % 2 else 0.5 * (pcts[len(pcts) // 2 - 1] + pcts[len(pcts) // 2])
+        ex["bound"] = "compute"
     return pct, ex
 
 
-def _measure_case(fn, budget_s: float, compute_bound: bool):
-    """``_measure(fn)``, with the GEMM rate measured right before and right after when the
-    case is compute-bound -> (timing, peak MB, (before, after) GFLOP/s or None)."""
-    before = gemm_rate(budget_s=0.5) if compute_bound else None
-    t, peak = _measure(fn, budget_s)
-    return t, peak, ((before, gemm_rate(budget_s=0.5)) if compute_bound else None)
+def _measure_case(fn, budget_s: float, compute_bound: bool, rounds: int = 3):
+    """``_measure(fn)``; a compute-bound case is timed in ``rounds`` rounds with the GEMM
+    rate measured before, between and after them -> (timing of the median round, peak MB,
+    [(round ms, mean GEMM rate around it)] or None)."""
+    if not compute_bound:
+        t, peak = _measure(fn, budget_s)
+        return t, peak, None
+    gemm = [gemm_rate(budget_s=0.3)]
+    timed, peaks = [], []
+    for _ in range(rounds):
+        t, peak = _measure(fn, budget_s / 2)
+        timed.append(t)
+        peaks.append(peak)
+        gemm.append(gemm_rate(budget_s=0.3))
+    med = sorted(timed, key=lambda x: x.median_ms)[len(timed) // 2]
+    peak = max((p for p in peaks if p is not None), default=None)
+    return med, peak, [(t.median_ms, 0.5 * (gemm[i] + gemm[i + 1])) for i, t in enumerate(timed)]
 
 
 def _measure(fn, budget_s: float):

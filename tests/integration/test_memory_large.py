@@ -174,10 +174,12 @@ def test_bench_large_rows(tmp_path):
             # a compute-bound case's ceiling is the GEMM rate measured right around it
             compute = r["extra"]["bound"] == "compute"
             assert compute or r["shape"]["B"] < 32  # which side B = 4 falls on depends on the probes
-            assert ("gemm_before_after_gflops" in r["extra"]) == compute
+            assert ("rounds_ms_gemm" in r["extra"]) == compute
             if compute:
-                g = r["extra"]["gemm_before_after_gflops"]
-                assert len(g) == 2 and min(g) > 0 and r["extra"]["pct_of_run_gemm"] > 0
+                rounds = r["extra"]["rounds_ms_gemm"]
+                assert len(rounds) == 3 and min(g for _, g in rounds) > 0 and r["extra"]["pct_of_run_gemm"] > 0
+                assert r["median_ms"] in [ms for ms, _ in rounds] or \
+                    min(abs(r["median_ms"] - ms) for ms, _ in rounds) < 0.01
     load = next(r for r in rows if r["bench"] == "memory load (mapped)")
     assert load["extra"]["bytes_per_entry"] > 16 * 2 + 128
     assert set(out["ceilings"]) == {"read_gbs", "copy_gbs", "gemm_f32_gflops"}
