@@ -726,6 +726,16 @@ struct Partition {
   std::vector<int64_t> hi;  // [B, k]
   std::vector<int64_t> hn;  // [B]
   std::vector<float> thr;   // [n_chunks * cw]; +inf in padded lanes so they never hit
+
+  // Empty heaps for B queries, thresholds -inf for the real lanes of `lanes` (padded: +inf).
+  void reset(int64_t B, int64_t k, int64_t lanes) {
+    const float inf = std::numeric_limits<float>::infinity();
+    hs.assign(static_cast<size_t>(B * k), 0.f);
+    hi.assign(static_cast<size_t>(B * k), 0);
+    hn.assign(static_cast<size_t>(B), 0);
+    thr.assign(static_cast<size_t>(lanes), inf);
+    std::fill(thr.begin(), thr.begin() + B, -inf);
+  }
 };
 
 // ------------------------------------------- large B: the BLAS GEMM, then a SIMD selection
@@ -893,17 +903,12 @@ std::vector<Partition> search_gemm(const float* qp, int64_t B, int64_t d, int64_
   const int64_t n_parts = std::max<int64_t>(1, std::min(n_threads, n_blocks));
   const int64_t blocks_per_part = (n_blocks + n_parts - 1) / n_parts;
   std::vector<Partition> parts(static_cast<size_t>(n_parts));
-  const float inf = std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, n_parts, 1, [&](int64_t p_begin, int64_t p_end) {
     SerialBlas serial;
     for (int64_t p = p_begin; p < p_end; ++p) {
       Partition& P = parts[p];
-      P.hs.assign(static_cast<size_t>(B * k), 0.f);
-      P.hi.assign(static_cast<size_t>(B * k), 0);
-      P.hn.assign(static_cast<size_t>(B), 0);
-      P.thr.assign(static_cast<size_t>(n_chunks * bc), inf);
-      for (int64_t b = 0; b < B; ++b) P.thr[b] = -inf;
+      P.reset(B, k, n_chunks * bc);
       at::Tensor sbuf = at::empty({mb, bc}, at::kFloat);
       at::Tensor kbuf;  // float32 rows of a converted or short block
       const float* S = sbuf.data_ptr<float>();
@@ -1082,16 +1087,11 @@ std::tuple<at::Tensor, at::Tensor> mips_topk_cpu(const at::Tensor& queries, cons
   const char* kbase = static_cast<const char*>(keys.data_ptr());
   const float* scales = key_scales.has_value() ? key_scales->data_ptr<float>() : nullptr;
   const bool* vmask = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
-  const float inf = std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, n_parts, 1, [&](int64_t p_begin, int64_t p_end) {
     for (int64_t p = p_begin; p < p_end; ++p) {
       Partition& P = parts[p];
-      P.hs.assign(static_cast<size_t>(B * k), 0.f);
-      P.hi.assign(static_cast<size_t>(B * k), 0);
-      P.hn.assign(static_cast<size_t>(B), 0);
-      P.thr.assign(static_cast<size_t>(n_chunks * CW), inf);
-      for (int64_t b = 0; b < B; ++b) P.thr[b] = -inf;
+      P.reset(B, k, n_chunks * CW);
       // Float32 rows of the current block ([kb][d]). f32 keys are read in place (measured:
       // copying blocks into this buffer first costs ~20% more CPU time), except a
       // partition's last block when it needs zero rows up to a whole group.

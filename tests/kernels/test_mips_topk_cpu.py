@@ -188,16 +188,14 @@ def test_fewer_valid_rows_than_k_pads_tail():
     assert (i == -1).all() and torch.isneginf(s).all()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
-def test_duplicate_keys_tie_to_lower_index(dtype):
-    """Copies of a row tie exactly, so the order is fully determined: lower index first.
-
-    The expected order is built from one float64 score per distinct row (a float64 GEMM over
-    all M rows may itself round copies differently, so it cannot be the oracle of ties)."""
-    M, d, n_base = 5000, 33, 13
+def _copies(M, d, n_base, B, dtype):
+    """M keys that are copies of n_base distinct rows, B queries, and the float64 scores of
+    every (query, key) from one score per distinct row, so copies are bit-identical there
+    (a float64 GEMM over all M rows may itself round copies differently, so it cannot be the
+    oracle of ties) -> (q, keys, scales, per_row [B, M], which [M]: key -> its distinct row)."""
     which = torch.randint(0, n_base, (M,))
     base = torch.randn(n_base, d)
-    q = torch.randn(7, d)
+    q = torch.randn(B, d)
     if dtype == torch.int8:
         base8, base_sc = pk.quantize_keys(base)
         keys, scales = base8[which], base_sc[which]
@@ -206,7 +204,14 @@ def test_duplicate_keys_tie_to_lower_index(dtype):
         base, q = base.to(dtype), q.to(dtype)
         keys, scales = base[which], None
         base64 = base.double()
-    per_row = (q.double() @ base64.T)[:, which]  # [B, M], copies bit-identical
+    return q, keys, scales, (q.double() @ base64.T)[:, which], which
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+def test_duplicate_keys_tie_to_lower_index(dtype):
+    """Copies of a row tie exactly, so the order is fully determined: lower index first
+    (expected order from one float64 score per distinct row: ``_copies``)."""
+    q, keys, scales, per_row, _ = _copies(5000, 33, 13, 7, dtype)
     for k in (1, 5, 300):
         s, i = _op(q, keys, k, scales, None)
         want = torch.sort(per_row, dim=1, descending=True, stable=True)
@@ -486,19 +491,8 @@ def test_gemm_path_copies_tie_to_lower_index(monkeypatch, dtype, d):
     """Copies of a row sit at every position of a GEMM block, in different blocks and in the
     zero-padded last block; all must score bit-identically (lower index first). B = 150:
     two query chunks."""
-    M, n_base, B = 9001, 17, 150
-    which = torch.randint(0, n_base, (M,))
-    base = torch.randn(n_base, d)
-    q = torch.randn(B, d)
-    if dtype == torch.int8:
-        base8, base_sc = pk.quantize_keys(base)
-        keys, scales = base8[which], base_sc[which]
-        base64 = R.dequantize_keys(base8, base_sc, torch.float64)
-    else:
-        base, q = base.to(dtype), q.to(dtype)
-        keys, scales = base[which], None
-        base64 = base.double()
-    per_row = (q.double() @ base64.T)[:, which]
+    B = 150
+    q, keys, scales, per_row, which = _copies(9001, d, 17, B, dtype)
     want = torch.sort(per_row, dim=1, descending=True, stable=True)
     for mode, k in [(m, k) for m in ("1", None) for k in (1, 7, 400)]:
         _gemm(monkeypatch, mode)
