@@ -347,17 +347,24 @@ def test_one_row_key_view_with_odd_row_stride_every_cpu_backend(dtype):
         torch.testing.assert_close(s, want, rtol=1e-4, atol=1e-4, msg=backend)
 
 
+def _nan_rows(keys, scales, rows, col):
+    """Copies of keys / scales whose ``rows`` score NaN: an int8 row through its scale, any
+    other dtype through element ``col``."""
+    if scales is not None:
+        scales = scales.clone()
+        scales[rows] = float("nan")
+    else:
+        keys = keys.clone()
+        keys[rows, col] = float("nan")
+    return keys, scales
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
 def test_nan_key_rows_are_never_returned(dtype):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     q, keys, scales = _make(4, 24, 150, dtype, gen=gen)
     bad = torch.randperm(150, generator=gen)[:11]
-    if scales is not None:
-        scales = scales.clone()
-        scales[bad] = float("nan")
-    else:
-        keys = keys.clone()
-        keys[bad, 3] = float("nan")
+    keys, scales = _nan_rows(keys, scales, bad, 3)
     s, i = _op(q, keys, 6, scales, None)
     assert not bool(torch.isin(i, bad).any())
     ref_s, ref_i = R.mips_topk(q.double(), keys, 6, scales, None)
@@ -457,32 +464,23 @@ def test_gemm_path_around_threshold(fresh_seed, monkeypatch, B, d, M, k, dtype):
         _check(s, i, q, keys, kk, scales, valid)
 
 
+# path "1": the GEMM path forced (its selection has AVX-512, AVX2 and scalar forms, the
+# conversion of f16/bf16/int8 blocks too; B = 1 and 3: tiny chunks, padded lanes). Path "0":
+# the register-blocked kernels forced, reachable where the dispatch prefers the GEMM (every B
+# under the scalar cap, 17..127 on AVX-512).
+@pytest.mark.parametrize("path, Bs, d, M, k", [("1", (1, 3, 70), 19, 2001, 16),
+                                              ("0", (3, 40, 100), 21, 1503, 11)],
+                         ids=["gemm", "blocked"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
-def test_gemm_path_every_isa(monkeypatch, isa, dtype):
-    """The selection has AVX-512, AVX2 and scalar forms; the conversion of f16/bf16/int8
-    blocks too. B = 1 and 3 with the path forced: tiny chunks, padded lanes."""
+def test_either_path_forced_every_isa(monkeypatch, isa, dtype, path, Bs, d, M, k):
     _set_isa(monkeypatch, isa)
-    _gemm(monkeypatch, "1")
-    for B in (1, 3, 70):
-        q, keys, scales = _make(B, 19, 2001, dtype)
-        valid = torch.rand(2001) < 0.8
-        s, i = _op(q, keys, 16, scales, valid)
-        _check(s, i, q, keys, 16, scales, valid)
-
-
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
-def test_blocked_kernel_forced_every_isa(monkeypatch, isa, dtype):
-    """The register-blocked kernels stay reachable where the dispatch prefers the GEMM (every
-    B under the scalar cap, 33..127 on AVX-512)."""
-    _set_isa(monkeypatch, isa)
-    _gemm(monkeypatch, "0")
-    for B in (3, 40, 100):
-        q, keys, scales = _make(B, 21, 1503, dtype)
-        valid = torch.rand(1503) < 0.8
-        s, i = _op(q, keys, 11, scales, valid)
-        _check(s, i, q, keys, 11, scales, valid)
+    _gemm(monkeypatch, path)
+    for B in Bs:
+        q, keys, scales = _make(B, d, M, dtype)
+        valid = torch.rand(M) < 0.8
+        s, i = _op(q, keys, k, scales, valid)
+        _check(s, i, q, keys, k, scales, valid)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
@@ -546,12 +544,7 @@ def test_gemm_path_nan_rows_never_returned(fresh_seed, monkeypatch, dtype):
     M, B = 3000, GEMM_MIN_B + 14
     q, keys, scales = _make(B, 24, M, dtype)
     bad = torch.randperm(M)[:101]
-    if scales is not None:
-        scales = scales.clone()
-        scales[bad] = float("nan")
-    else:
-        keys = keys.clone()
-        keys[bad, 5] = float("nan")
+    keys, scales = _nan_rows(keys, scales, bad, 5)
     s, i = _op(q, keys, 9, scales, None)
     assert not bool(torch.isin(i, bad).any())
     assert bool(torch.isfinite(s).all())
