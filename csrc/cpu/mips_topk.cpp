@@ -893,8 +893,17 @@ std::vector<Partition> search_gemm(const float* qp, int64_t B, int64_t d, int64_
   // Query chunks of equal width bc (a multiple of 16), zero-padded: Q [n_chunks * bc][d].
   const int64_t n_chunks = (B + kGemmMaxChunk - 1) / kGemmMaxChunk;
   const int64_t bc = ((B + n_chunks - 1) / n_chunks + 15) / 16 * 16;
+  // The finiteness check rides on the copy (as on the blocked path's packing pass).
   at::Tensor q = at::zeros({n_chunks * bc, d}, at::kFloat);
-  std::memcpy(q.data_ptr<float>(), qp, static_cast<size_t>(B * d) * sizeof(float));
+  {
+    float* dst = q.data_ptr<float>();
+    bool finite = true;
+    for (int64_t t = 0; t < B * d; ++t) {
+      finite &= std::isfinite(qp[t]);
+      dst[t] = qp[t];
+    }
+    TORCH_CHECK(finite, "_C_mips_topk: queries must be finite (found NaN or Inf)");
+  }
   // Key rows per block: a function of d and bc only, so block boundaries are global.
   int64_t mb = std::min(kGemmKeyBytes / (4 * d), kGemmScoreBytes / (4 * bc));
   mb = std::max<int64_t>(kGemmRowAlign, mb / kGemmRowAlign * kGemmRowAlign);
@@ -1038,12 +1047,8 @@ std::tuple<at::Tensor, at::Tensor> mips_topk_cpu(const at::Tensor& queries, cons
                                                            : KeyType::I8;
   const int64_t esz = keys.element_size();
   if (use_gemm(B)) {
-    const float* qp = q32.data_ptr<float>();
-    bool finite = true;
-    for (int64_t t = 0; t < B * d; ++t) finite &= std::isfinite(qp[t]);
-    TORCH_CHECK(finite, "_C_mips_topk: queries must be finite (found NaN or Inf)");
     return merge_parts(
-        search_gemm(qp, B, d, M, k, kt, static_cast<const char*>(keys.data_ptr()), esz,
+        search_gemm(q32.data_ptr<float>(), B, d, M, k, kt, static_cast<const char*>(keys.data_ptr()), esz,
                     key_scales.has_value() ? key_scales->data_ptr<float>() : nullptr,
                     valid.has_value() ? valid->data_ptr<bool>() : nullptr),
         B, k);

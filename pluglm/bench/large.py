@@ -27,6 +27,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,16 +129,14 @@ def _roofline(ms: float, M: int, d: int, B: int, key_bytes: float, ceil: dict,
     flops = 2.0 * B * M * d
     t_mem = nbytes / (ceil["read_gbs"] * 1e9)
     t_cmp = flops / (ceil["gemm_f32_gflops"] * 1e9)
-    bound = "memory" if t_mem >= t_cmp else "compute"
     pct = 100.0 * max(t_mem, t_cmp) / (ms * 1e-3)
-    ex = {"bound": bound, "achieved_gbs": round(nbytes / (ms * 1e-3) / 1e9, 2),
+    ex = {"bound": "compute" if rounds or _compute_bound(M, d, B, key_bytes, ceil) else "memory",
+          "achieved_gbs": round(nbytes / (ms * 1e-3) / 1e9, 2),
           "achieved_gflops": round(flops / (ms * 1e-3) / 1e9, 1)}
     if rounds:
         ex["pct_of_run_gemm"] = round(pct, 1)
         ex["rounds_ms_gemm"] = [[round(r_ms, 2), round(g, 1)] for r_ms, g in rounds]
-        pcts = sorted(100.0 * flops / (g * 1e9) / (r_ms * 1e-3) for r_ms, g in rounds)
-        pct = pcts[len(pcts) // 2] if len(pcts) % 2 else 0.5 * (pcts[len(pcts) // 2 - 1] + pcts[len(pcts) // 2])
-        ex["bound"] = "compute"
+        pct = statistics.median(100.0 * flops / (g * 1e9) / (r_ms * 1e-3) for r_ms, g in rounds)
     return pct, ex
 
 

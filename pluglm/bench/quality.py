@@ -261,6 +261,20 @@ class _Data:
             self.edited_texts_all[i] = t
 
 
+def _step(model, loss, opt, refresher, sync: bool, sched=None) -> None:
+    """One optimizer step (gradients clipped to norm 1), then the key refresher's step,
+    waited for when ``sync`` (``QualityConfig.sync_refresh``)."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    refresher.step()
+    if sync:
+        refresher.wait()
+
+
 def train(cfg: QualityConfig, data: _Data, seed: int, *, refresh_interval: int | None = None,
           backend: str | None = None, curves: bool = False, log=None):
     """Train one model. Returns (model, info) with info = wall time, refreshes, curves."""
@@ -342,14 +356,7 @@ def train(cfg: QualityConfig, data: _Data, seed: int, *, refresh_interval: int |
                 gold = torch.cat([gold, data.entry_gold[er]])
             out = model(input_ids=b_ids, attention_mask=b_mask, labels=labels, output_retrieval=True)
             hits.append(float((out.retrieval[-1].indices.cpu() == gold[:, None]).any(1).float().mean()))
-            (out.loss + align.loss(b_ids, b_mask)).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            refresher.step()
-            if cfg.sync_refresh:
-                refresher.wait()
+            _step(model, out.loss + align.loss(b_ids, b_mask), opt, refresher, cfg.sync_refresh, sched)
             losses.append(float(out.loss.detach()))
             if curves and (step % cfg.eval_every == 0 or step == cfg.steps):
                 eval_s += point(step)
@@ -390,13 +397,7 @@ def adapt_to_domain_b(model, data: _Data, seed: int):
             labels = torch.full_like(ids[rows], -100)
             labels[torch.arange(rows.shape[0]), pos[rows]] = answers[rows]
             out = ft(input_ids=ids[rows], attention_mask=mask[rows], labels=labels)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(ft.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            refresher.step()
-            if cfg.sync_refresh:
-                refresher.wait()
+            _step(ft, out.loss, opt, refresher, cfg.sync_refresh)
         refresher.wait()
     finally:
         refresher.close()

@@ -298,6 +298,9 @@ def test_errors_name_the_argument():
         ((q, keys, 2, None, torch.ones(19, dtype=torch.bool)), "valid must have shape [20]"),
         ((q, keys[:0], 1, None, None), "keys must have at least one row"),
         ((torch.full_like(q, float("nan")), keys, 2, None, None), "queries must be finite"),
+        # B = 40: the GEMM path's own check (on its copy of the queries)
+        ((torch.randn(40, 8).index_fill_(0, torch.tensor([37]), float("inf")), keys, 2, None, None),
+         "queries must be finite"),
     ]
     for args, msg in cases:
         with pytest.raises(RuntimeError, match=re.escape(msg)):
